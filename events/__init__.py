@@ -1,0 +1,1 @@
+"""Events: the catalogue, the envelope, the codec and schema versions. No I/O."""

@@ -1,0 +1,188 @@
+"""The event catalogue: one tagged msgspec struct per event type.
+
+Events are facts, named in the past tense, never renamed. The tag is the
+envelope's ``type``; the struct's fields are the envelope's ``data``. Every
+points movement lists the buckets it touched (``BucketPoints``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Union
+
+import msgspec
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+    """Base of every event's data."""
+
+
+class Identity(msgspec.Struct, frozen=True):
+    type: str
+    value: str
+
+
+class BucketPoints(msgspec.Struct, frozen=True):
+    """Points moved into or out of one bucket."""
+
+    bucket_id: str
+    points: int
+
+
+class NewBucket(msgspec.Struct, frozen=True):
+    """A bucket created by a credit (purchase earn or positive adjustment)."""
+
+    bucket_id: str
+    amount: int
+    available_at: datetime
+    expires_at: datetime
+
+
+class MemberEnrolled(Event, tag="member_enrolled", kw_only=True):
+    member_id: str
+    identities: list[Identity]
+    birthday: str | None = None
+
+
+class IdentityLinked(Event, tag="identity_linked", kw_only=True):
+    identity_type: str
+    value: str
+
+
+class PurchaseRecorded(Event, tag="purchase_recorded", kw_only=True):
+    purchase_id: str
+    store_id: str
+    amount_cents: int
+
+
+class PointsEarned(Event, tag="points_earned", kw_only=True):
+    purchase_id: str
+    points: int
+    growth: int
+    tier: str
+    tier_pct: int
+    day_pct: int
+    # The bucket gets ``points - debt_paid``: credits pay debt first.
+    debt_paid: int
+    bucket: NewBucket | None
+
+
+class PurchaseReturned(Event, tag="purchase_returned", kw_only=True):
+    return_id: str
+    purchase_id: str
+    amount_cents: int
+    returned_total_cents: int
+
+
+class PointsClawedBack(Event, tag="points_clawed_back", kw_only=True):
+    return_id: str
+    purchase_id: str
+    points: int
+    growth: int
+    buckets: list[BucketPoints]
+    # The part no bucket could cover: owed as debt, or written off (absorb).
+    debt: int
+    written_off: int
+
+
+class PointsRedeemed(Event, tag="points_redeemed", kw_only=True):
+    redemption_id: str
+    points: int
+    order_ref: str | None
+    buckets: list[BucketPoints]
+
+
+class RedemptionReversed(Event, tag="redemption_reversed", kw_only=True):
+    redemption_id: str
+    points: int
+    buckets: list[BucketPoints]
+    # Parts of restored buckets already past ``expires_at``: expired at once.
+    expired: list[BucketPoints]
+
+
+class PointsExpired(Event, tag="points_expired", kw_only=True):
+    bucket_id: str
+    points: int
+    expires_at: datetime
+
+
+class PointsAdjusted(Event, tag="points_adjusted", kw_only=True):
+    adjustment_id: str
+    points: int
+    reason: str
+    note: str | None
+    # Positive: the new bucket (after paying debt); negative: the burn.
+    bucket: NewBucket | None
+    buckets: list[BucketPoints]
+    debt_paid: int
+
+
+class TierChanged(Event, tag="tier_changed", kw_only=True):
+    from_tier: str
+    to_tier: str
+    reason: str  # upgrade | downgrade | return
+    cause_id: str | None
+    hold_until: datetime | None
+    # What a return of the upgrading purchase restores.
+    previous_hold_until: datetime | None = None
+
+
+class CouponIssued(Event, tag="coupon_issued", kw_only=True):
+    coupon_id: str
+    template: str
+    value_cents: int
+    min_spend_cents: int
+    valid_from: datetime
+    expires_at: datetime
+    source: str  # admin | welcome | birthday | points
+    points_cost: int = 0
+    buckets: list[BucketPoints] = []
+
+
+class CouponRedeemed(Event, tag="coupon_redeemed", kw_only=True):
+    coupon_id: str
+    order_ref: str
+    order_amount_cents: int
+
+
+class CouponRedemptionReversed(Event, tag="coupon_redemption_reversed", kw_only=True):
+    coupon_id: str
+    order_ref: str
+
+
+class CouponVoided(Event, tag="coupon_voided", kw_only=True):
+    coupon_id: str
+    reason: str
+
+
+class CouponExpired(Event, tag="coupon_expired", kw_only=True):
+    coupon_id: str
+    expires_at: datetime
+
+
+AnyEvent = Union[
+    MemberEnrolled,
+    IdentityLinked,
+    PurchaseRecorded,
+    PointsEarned,
+    PurchaseReturned,
+    PointsClawedBack,
+    PointsRedeemed,
+    RedemptionReversed,
+    PointsExpired,
+    PointsAdjusted,
+    TierChanged,
+    CouponIssued,
+    CouponRedeemed,
+    CouponRedemptionReversed,
+    CouponVoided,
+    CouponExpired,
+]
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+}
+
+
+def event_type(event: Event) -> str:
+    return type(event).__struct_config__.tag  # type: ignore[return-value]

@@ -1,0 +1,278 @@
+"""The application layer: load a member, decide, append, answer; exactly once.
+
+For each command: check the Idempotency-Key's stored answer; load the
+member's state (an in-process cache validated by stream version: only events
+newer than the cached version are read); decide; append with the version the
+decision saw; store the answer with the events. A version conflict from
+another process reloads and decides again; within one process a per-member
+lock serializes commands so they do not conflict at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+import msgspec
+
+from events.codec import encode_json, from_data
+from events.envelope import Envelope
+from ledger import commands as cmd
+from ledger.answers import answer
+from ledger.clock import Clock, system_clock
+from ledger.decide import decide
+from ledger.errors import DuplicateCommand, Refusal, problem
+from ledger.programme import Programme
+from ledger.state import Fact, MemberState, evolve, fold
+from ledger.store import (
+    AlreadyAnswered,
+    Append,
+    EventStore,
+    IdentityTaken,
+    NewEvent,
+    ResultKey,
+    StoredResult,
+    WrongExpectedVersion,
+)
+
+log = logging.getLogger("loyalty.application")
+
+MAX_CONFLICT_RETRIES = 20
+CACHE_MEMBERS_MAX = 100_000
+GLOBAL_SCOPE = "*"  # command_results.stream_id of Idempotency-Keys
+
+_sorted_encoder = msgspec.json.Encoder(order="sorted")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: bytes
+    replayed: bool = False
+    position: int | None = None
+
+    @property
+    def is_problem(self) -> bool:
+        return self.status >= 400
+
+
+def fact_of(envelope: Envelope) -> Fact:
+    event = from_data(envelope.type, envelope.schema_version, envelope.data)
+    return Fact(event, envelope.occurred_at, envelope.stream_version)
+
+
+def request_hash(operation: str, stream_id: str, command: cmd.Command) -> str:
+    """The fingerprint that tells a retry (same body) from a reuse (other body)."""
+    canonical = _sorted_encoder.encode({"op": operation, "member": stream_id, "body": command})
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def _refusal_outcome(refusal: Refusal) -> Outcome:
+    return Outcome(refusal.status, encode_json(problem(refusal.status, refusal.code, refusal.detail, **refusal.extra)))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Ledger:
+    def __init__(self, store: EventStore, programme: Programme, clock: Clock = system_clock) -> None:
+        self.store = store
+        self.programme = programme
+        self.clock = clock
+        self._states: OrderedDict[str, MemberState] = OrderedDict()
+        self._locks = KeyedLocks()
+
+    # -- member state ----------------------------------------------------------
+
+    async def load(self, stream_id: str) -> MemberState:
+        """The member's current state, for reading without an await in between."""
+        async with self._locks.hold(stream_id):
+            return await self._load_locked(stream_id)
+
+    async def _load_locked(self, stream_id: str) -> MemberState:
+        """Cached state plus any events appended since (by this or another process)."""
+        state = self._states.pop(stream_id, None) or MemberState()
+        while True:
+            envelopes = await self.store.read_stream(stream_id, after_version=state.version)
+            for envelope in envelopes:
+                evolve(state, fact_of(envelope))
+            if len(envelopes) < 10_000:
+                break
+        if state.enrolled:
+            self._remember(stream_id, state)
+        return state
+
+    def _remember(self, stream_id: str, state: MemberState) -> None:
+        self._states[stream_id] = state
+        if len(self._states) > CACHE_MEMBERS_MAX:
+            self._states.popitem(last=False)
+
+    def forget(self, stream_id: str) -> None:
+        self._states.pop(stream_id, None)
+
+    async def state_as_of(self, stream_id: str, at: datetime) -> MemberState:
+        """The member as the events with occurred_at <= ``at`` make it (log order)."""
+        state = await self.load(stream_id)
+        if state.latest_occurred_at is None or state.latest_occurred_at <= at:
+            return state
+        facts, after = [], 0
+        while True:
+            envelopes = await self.store.read_stream(stream_id, after_version=after)
+            facts += [fact_of(e) for e in envelopes if e.occurred_at <= at]
+            if len(envelopes) < 10_000:
+                break
+            after = envelopes[-1].stream_version
+        return fold(facts)
+
+    # -- commands --------------------------------------------------------------
+
+    async def execute(
+        self,
+        operation: str,
+        stream_id: str,
+        command: cmd.Command,
+        *,
+        actor: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+        fingerprint: str | None = None,
+    ) -> Outcome:
+        """Run one command exactly once; ``fingerprint`` defaults to the command's request hash."""
+        fingerprint = fingerprint or request_hash(operation, stream_id, command)
+        if idempotency_key is not None:
+            stored = await self.store.stored_result(GLOBAL_SCOPE, f"idem:{idempotency_key}")
+            if stored is not None:
+                return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+        async with self._locks.hold(stream_id):
+            outcome = await self._decide_and_append(
+                operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
+            )
+        if idempotency_key is not None and outcome.status < 500 and outcome.position is None and not outcome.replayed:
+            # A refusal is an answer too: the retry gets it again.
+            await self.store.store_result(
+                StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
+            )
+        return outcome
+
+    def _replay_or_reuse(self, stored: StoredResult, fingerprint: str, code: str, status: int) -> Outcome:
+        if stored.request_hash == fingerprint:
+            return Outcome(stored.status, stored.body, replayed=True)
+        detail = (
+            "this Idempotency-Key was used with another request; use a new key for a new request"
+            if code == "idempotency_key_reused"
+            else f"{stored.command_key} was already used on this member with another body"
+        )
+        return _refusal_outcome(Refusal(status, code, detail))
+
+    async def _decide_and_append(
+        self, operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
+    ) -> Outcome:
+        for _attempt in range(MAX_CONFLICT_RETRIES):
+            state = await self._load_locked(stream_id)
+            if expected_version is not None and expected_version != state.version:
+                return _refusal_outcome(
+                    Refusal(412, "version_mismatch", f"the member is at version {state.version}, not {expected_version}",
+                            stream_version=state.version)
+                )
+            try:
+                decided = decide(state, command, self.programme, self.clock())
+            except Refusal as refusal:
+                return _refusal_outcome(refusal)
+            except DuplicateCommand as duplicate:
+                return await self._natural_replay(stream_id, duplicate.natural_key, fingerprint)
+            if not decided:
+                return Outcome(200, encode_json({"appended": 0}))
+            keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
+            if idempotency_key is not None:
+                keys.append(ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint))
+            append = Append(
+                stream_id=stream_id,
+                expected_version=state.version,
+                events=[NewEvent(d.occurred_at, d.event) for d in decided],
+                command_id=idempotency_key,
+                actor=actor,
+                programme_version=self.programme.version,
+                identities=[(i.type, i.value) for i in command.identities] if isinstance(command, cmd.Enrol) else (),
+                result_keys=keys,
+                respond=lambda recorded, state=state: self._respond(command, state, recorded),
+            )
+            try:
+                recorded = await self.store.append(append)
+            except WrongExpectedVersion:
+                self.forget(stream_id)
+                continue
+            except IdentityTaken as taken:
+                self.forget(stream_id)
+                return _refusal_outcome(
+                    Refusal(409, "identity_taken", f"{taken.identity_type} {taken.value} belongs to another member")
+                )
+            except AlreadyAnswered as answered:
+                self.forget(stream_id)
+                stored = await self.store.stored_result(answered.stream_id, answered.command_key)
+                assert stored is not None
+                if answered.stream_id == GLOBAL_SCOPE:
+                    return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+                return self._replay_or_reuse(stored, fingerprint, "duplicate_id", 409)
+            except BaseException:
+                self.forget(stream_id)  # the in-place evolve may have run
+                raise
+            status, body = append.answer
+            return Outcome(status, body, position=recorded[-1].position)
+        return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
+
+    def _respond(self, command: cmd.Command, state: MemberState, recorded: list[Envelope]) -> tuple[int, bytes]:
+        for envelope in recorded:
+            evolve(state, fact_of(envelope))
+        return 201, encode_json(answer(command, state, recorded, self.programme))
+
+    async def _natural_replay(self, stream_id: str, natural_key: str, fingerprint: str) -> Outcome:
+        stored = await self.store.stored_result(stream_id, natural_key)
+        if stored is None:
+            return _refusal_outcome(Refusal(409, "duplicate_id", f"{natural_key} was already used on this member"))
+        return self._replay_or_reuse(stored, fingerprint, "duplicate_id", 409)
+
+
+class KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str):
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _natural_keys(command: cmd.Command) -> list[str]:
+    """The natural ids a command's first answer is stored under (per member)."""
+    match command:
+        case cmd.RecordPurchase():
+            return [f"purchase:{command.purchase_id}"]
+        case cmd.RecordReturn():
+            return [f"return:{command.return_id}"]
+        case cmd.Redeem():
+            return [f"redemption:{command.redemption_id}"]
+        case cmd.ReverseRedemption():
+            return [f"redemption_reversal:{command.redemption_id}"]
+        case cmd.IssueCoupon():
+            return [f"coupon:{command.coupon_id}"]
+        case cmd.Adjust():
+            return [f"adjustment:{command.adjustment_id}"]
+    return []

@@ -1,0 +1,135 @@
+"""Commands: what checkout systems and admins ask for, as strict msgspec types.
+
+The same structs decode HTTP bodies (unknown fields, wrong types and
+out-of-range values are refused with the field named) and generate the
+OpenAPI document, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+MAX_AMOUNT = 10**11
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1-64 of A-Z a-z 0-9 . _ : -")]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+OptionalText = Annotated[str, msgspec.Meta(max_length=256)]
+Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
+NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+SignedPoints = Annotated[int, msgspec.Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset, e.g. 2025-01-03T10:00:00Z")]
+Birthday = Annotated[str, msgspec.Meta(pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")]
+IdentityType = Literal["phone", "unionid", "openid", "email", "card"]
+
+
+class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every command body."""
+
+
+class IdentityIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: IdentityType
+    value: Text
+
+
+class Enrol(Command, kw_only=True):
+    member_id: Id | None = None
+    identities: Annotated[list[IdentityIn], msgspec.Meta(max_length=16)] = []
+    birthday: Birthday | None = None
+    enrolled_at: Timestamp | None = None
+
+
+class RecordPurchase(Command, kw_only=True):
+    purchase_id: Id
+    store_id: Id
+    amount_cents: Amount
+    occurred_at: Timestamp | None = None
+
+
+class RecordReturn(Command, kw_only=True):
+    return_id: Id
+    purchase_id: Id
+    amount_cents: Amount
+    occurred_at: Timestamp | None = None
+
+
+class Redeem(Command, kw_only=True):
+    redemption_id: Id
+    points: Amount
+    order_ref: Id | None = None
+    occurred_at: Timestamp | None = None
+
+
+class ReverseRedemption(Command, kw_only=True):
+    redemption_id: Id = ""  # taken from the path
+    occurred_at: Timestamp | None = None
+
+
+class IssueCoupon(Command, kw_only=True):
+    coupon_id: Id | None = None
+    template: Id
+    value_cents: Amount
+    min_spend_cents: NonNegativeAmount = 0
+    valid_from: Timestamp | None = None
+    expires_at: Timestamp
+    points_cost: Amount | None = None
+    occurred_at: Timestamp | None = None
+
+
+class RedeemCoupon(Command, kw_only=True):
+    coupon_id: Id = ""  # taken from the path
+    order_ref: Id
+    order_amount_cents: Amount
+    occurred_at: Timestamp | None = None
+
+
+class ReverseCouponRedemption(Command, kw_only=True):
+    coupon_id: Id = ""  # taken from the path
+    occurred_at: Timestamp | None = None
+
+
+class VoidCoupon(Command, kw_only=True):
+    coupon_id: Id = ""  # taken from the path
+    reason: Text
+    occurred_at: Timestamp | None = None
+
+
+class Adjust(Command, kw_only=True):
+    adjustment_id: Id
+    points: SignedPoints
+    reason: Text
+    note: OptionalText | None = None
+    occurred_at: Timestamp | None = None
+
+
+# Time jobs, run per member by the job runner.
+class ExpireDue(Command, kw_only=True):
+    as_of: datetime
+
+
+class ReviewTier(Command, kw_only=True):
+    as_of: datetime
+
+
+class IssueBirthdayCoupon(Command, kw_only=True):
+    as_of: datetime
+
+
+AnyCommand = (
+    Enrol
+    | RecordPurchase
+    | RecordReturn
+    | Redeem
+    | ReverseRedemption
+    | IssueCoupon
+    | RedeemCoupon
+    | ReverseCouponRedemption
+    | VoidCoupon
+    | Adjust
+    | ExpireDue
+    | ReviewTier
+    | IssueBirthdayCoupon
+)

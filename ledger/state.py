@@ -1,0 +1,344 @@
+"""Member state and ``evolve``: the fold of one member's events.
+
+``evolve(state, fact)`` applies one recorded event. It is total (an event
+that does not concern a part of the state leaves it alone) and deterministic.
+For speed the fold works in place on the state it owns: a caller that needs
+the state before an event keeps a ``copy()``. ``decide`` never mutates.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+from events import catalogue as ev
+
+
+class Fact(NamedTuple):
+    """An event as the domain sees it once recorded: data, business time, order."""
+
+    event: ev.Event
+    occurred_at: datetime
+    version: int  # stream_version: the log order within the member
+
+
+@dataclass(slots=True)
+class Bucket:
+    bucket_id: str
+    ref: str  # the purchase or adjustment that credited it
+    occurred_at: datetime
+    available_at: datetime
+    expires_at: datetime
+    amount: int
+    remaining: int
+    version: int
+    expiry_recorded: bool = False  # the expire job wrote its points_expired
+    expired_points_recorded: int = 0  # points the trail already shows as expired
+
+    def is_available(self, at: datetime) -> bool:
+        return self.available_at <= at < self.expires_at
+
+    def is_pending(self, at: datetime) -> bool:
+        return at < self.available_at and at < self.expires_at
+
+    def is_expired(self, at: datetime) -> bool:
+        return self.expires_at <= at
+
+    def burn_order(self) -> tuple[datetime, datetime, int]:
+        """Soonest expiry first; ties: oldest occurred_at, then log order."""
+        return (self.expires_at, self.occurred_at, self.version)
+
+
+@dataclass(slots=True)
+class GrowthReturn:
+    occurred_at: datetime
+    growth: int
+
+
+@dataclass(slots=True)
+class Purchase:
+    purchase_id: str
+    store_id: str
+    amount_cents: int
+    occurred_at: datetime
+    points: int = 0
+    growth: int = 0
+    bucket_id: str | None = None
+    returned_cents: int = 0
+    clawed_points: int = 0
+    clawed_growth: int = 0
+    returns: list[GrowthReturn] = field(default_factory=list)
+
+    def growth_at(self, at: datetime) -> int:
+        """This purchase's growth net of what its returns up to ``at`` took back."""
+        return self.growth - sum(r.growth for r in self.returns if r.occurred_at <= at)
+
+
+@dataclass(slots=True)
+class Redemption:
+    redemption_id: str
+    points: int
+    occurred_at: datetime
+    buckets: list[ev.BucketPoints]
+    reversed: bool = False
+
+
+@dataclass(slots=True)
+class Coupon:
+    coupon_id: str
+    template: str
+    value_cents: int
+    min_spend_cents: int
+    valid_from: datetime
+    expires_at: datetime
+    source: str
+    points_cost: int
+    status: str = "issued"  # issued | redeemed | voided; "expired" is read by date
+    order_ref: str | None = None
+    expiry_recorded: bool = False
+
+    def status_at(self, at: datetime) -> str:
+        if self.status == "issued" and self.expires_at <= at:
+            return "expired"
+        return self.status
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """An upgrade a return of its purchase can undo."""
+
+    cause_id: str
+    from_tier: str
+    previous_hold_until: datetime | None
+
+
+@dataclass(slots=True)
+class Totals:
+    """Lifetime totals, gross (CONTRACT §2); expired is read from bucket dates."""
+
+    earned: int = 0
+    clawed: int = 0
+    adjusted: int = 0
+    redeemed: int = 0
+    written_off: int = 0
+
+
+@dataclass(slots=True)
+class MemberState:
+    member_id: str | None = None
+    version: int = 0
+    enrolled_at: datetime | None = None
+    birthday: str | None = None
+    identities: list[ev.Identity] = field(default_factory=list)
+    buckets: dict[str, Bucket] = field(default_factory=dict)
+    debt: int = 0
+    purchases: dict[str, Purchase] = field(default_factory=dict)
+    returns: dict[str, str] = field(default_factory=dict)  # return_id -> purchase_id
+    redemptions: dict[str, Redemption] = field(default_factory=dict)
+    adjustments: set[str] = field(default_factory=set)
+    coupons: dict[str, Coupon] = field(default_factory=dict)
+    tier: str | None = None  # None: the programme's lowest tier
+    hold_until: datetime | None = None
+    upgrades: list[Upgrade] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    last_purchase_at: datetime | None = None
+    latest_occurred_at: datetime | None = None  # as-of reads after it need no refold
+
+    @property
+    def enrolled(self) -> bool:
+        return self.member_id is not None
+
+    def copy(self) -> MemberState:
+        return copy.deepcopy(self)
+
+
+def evolve(state: MemberState, fact: Fact) -> MemberState:
+    """Apply one recorded event to the member's state (in place) and return it."""
+    apply = _APPLIERS.get(type(fact.event))
+    if apply is not None:
+        apply(state, fact.event, fact)
+    state.version = fact.version
+    if state.latest_occurred_at is None or fact.occurred_at > state.latest_occurred_at:
+        state.latest_occurred_at = fact.occurred_at
+    return state
+
+
+def fold(facts, state: MemberState | None = None) -> MemberState:
+    state = state if state is not None else MemberState()
+    for fact in facts:
+        evolve(state, fact)
+    return state
+
+
+def _burn(state: MemberState, parts: list[ev.BucketPoints]) -> None:
+    for part in parts:
+        bucket = state.buckets[part.bucket_id]
+        bucket.remaining -= part.points
+        assert 0 <= bucket.remaining <= bucket.amount, bucket
+
+
+def _credit_bucket(state: MemberState, new: ev.NewBucket, ref: str, fact: Fact) -> None:
+    state.buckets[new.bucket_id] = Bucket(
+        bucket_id=new.bucket_id,
+        ref=ref,
+        occurred_at=fact.occurred_at,
+        available_at=new.available_at,
+        expires_at=new.expires_at,
+        amount=new.amount,
+        remaining=new.amount,
+        version=fact.version,
+    )
+
+
+def _enrolled(state: MemberState, event: ev.MemberEnrolled, fact: Fact) -> None:
+    state.member_id = event.member_id
+    state.enrolled_at = fact.occurred_at
+    state.birthday = event.birthday
+
+
+def _identity_linked(state: MemberState, event: ev.IdentityLinked, fact: Fact) -> None:
+    state.identities.append(ev.Identity(event.identity_type, event.value))
+
+
+def _purchase_recorded(state: MemberState, event: ev.PurchaseRecorded, fact: Fact) -> None:
+    state.purchases[event.purchase_id] = Purchase(
+        purchase_id=event.purchase_id,
+        store_id=event.store_id,
+        amount_cents=event.amount_cents,
+        occurred_at=fact.occurred_at,
+    )
+    if state.last_purchase_at is None or fact.occurred_at > state.last_purchase_at:
+        state.last_purchase_at = fact.occurred_at
+
+
+def _points_earned(state: MemberState, event: ev.PointsEarned, fact: Fact) -> None:
+    purchase = state.purchases[event.purchase_id]
+    purchase.points = event.points
+    purchase.growth = event.growth
+    state.totals.earned += event.points
+    state.debt -= event.debt_paid
+    if event.bucket is not None:
+        purchase.bucket_id = event.bucket.bucket_id
+        _credit_bucket(state, event.bucket, event.purchase_id, fact)
+
+
+def _purchase_returned(state: MemberState, event: ev.PurchaseReturned, fact: Fact) -> None:
+    state.returns[event.return_id] = event.purchase_id
+    state.purchases[event.purchase_id].returned_cents = event.returned_total_cents
+
+
+def _points_clawed_back(state: MemberState, event: ev.PointsClawedBack, fact: Fact) -> None:
+    purchase = state.purchases[event.purchase_id]
+    purchase.clawed_points += event.points
+    purchase.clawed_growth += event.growth
+    purchase.returns.append(GrowthReturn(fact.occurred_at, event.growth))
+    _burn(state, event.buckets)
+    state.debt += event.debt
+    state.totals.clawed += event.points - event.written_off
+    state.totals.written_off += event.written_off
+
+
+def _points_redeemed(state: MemberState, event: ev.PointsRedeemed, fact: Fact) -> None:
+    _burn(state, event.buckets)
+    state.totals.redeemed += event.points
+    state.redemptions[event.redemption_id] = Redemption(
+        redemption_id=event.redemption_id,
+        points=event.points,
+        occurred_at=fact.occurred_at,
+        buckets=list(event.buckets),
+    )
+
+
+def _redemption_reversed(state: MemberState, event: ev.RedemptionReversed, fact: Fact) -> None:
+    for part in event.buckets:
+        bucket = state.buckets[part.bucket_id]
+        bucket.remaining += part.points
+        assert bucket.remaining <= bucket.amount, bucket
+    for part in event.expired:
+        state.buckets[part.bucket_id].expired_points_recorded += part.points
+    state.totals.redeemed -= event.points
+    state.redemptions[event.redemption_id].reversed = True
+
+
+def _points_expired(state: MemberState, event: ev.PointsExpired, fact: Fact) -> None:
+    bucket = state.buckets[event.bucket_id]
+    bucket.expiry_recorded = True
+    bucket.expired_points_recorded += event.points
+
+
+def _points_adjusted(state: MemberState, event: ev.PointsAdjusted, fact: Fact) -> None:
+    state.adjustments.add(event.adjustment_id)
+    state.totals.adjusted += event.points
+    state.debt -= event.debt_paid
+    if event.bucket is not None:
+        _credit_bucket(state, event.bucket, event.adjustment_id, fact)
+    _burn(state, event.buckets)
+
+
+def _tier_changed(state: MemberState, event: ev.TierChanged, fact: Fact) -> None:
+    if event.reason == "upgrade":
+        state.upgrades.append(Upgrade(event.cause_id or "", event.from_tier, event.previous_hold_until))
+    elif event.reason == "return":
+        state.upgrades.pop()
+    else:
+        state.upgrades.clear()
+    state.tier = event.to_tier
+    state.hold_until = event.hold_until
+
+
+def _coupon_issued(state: MemberState, event: ev.CouponIssued, fact: Fact) -> None:
+    state.coupons[event.coupon_id] = Coupon(
+        coupon_id=event.coupon_id,
+        template=event.template,
+        value_cents=event.value_cents,
+        min_spend_cents=event.min_spend_cents,
+        valid_from=event.valid_from,
+        expires_at=event.expires_at,
+        source=event.source,
+        points_cost=event.points_cost,
+    )
+    if event.buckets:
+        _burn(state, event.buckets)
+        state.totals.redeemed += event.points_cost
+
+
+def _coupon_redeemed(state: MemberState, event: ev.CouponRedeemed, fact: Fact) -> None:
+    coupon = state.coupons[event.coupon_id]
+    coupon.status = "redeemed"
+    coupon.order_ref = event.order_ref
+
+
+def _coupon_redemption_reversed(state: MemberState, event: ev.CouponRedemptionReversed, fact: Fact) -> None:
+    coupon = state.coupons[event.coupon_id]
+    coupon.status = "issued"
+    coupon.order_ref = None
+
+
+def _coupon_voided(state: MemberState, event: ev.CouponVoided, fact: Fact) -> None:
+    state.coupons[event.coupon_id].status = "voided"
+
+
+def _coupon_expired(state: MemberState, event: ev.CouponExpired, fact: Fact) -> None:
+    state.coupons[event.coupon_id].expiry_recorded = True
+
+
+_APPLIERS = {
+    ev.MemberEnrolled: _enrolled,
+    ev.IdentityLinked: _identity_linked,
+    ev.PurchaseRecorded: _purchase_recorded,
+    ev.PointsEarned: _points_earned,
+    ev.PurchaseReturned: _purchase_returned,
+    ev.PointsClawedBack: _points_clawed_back,
+    ev.PointsRedeemed: _points_redeemed,
+    ev.RedemptionReversed: _redemption_reversed,
+    ev.PointsExpired: _points_expired,
+    ev.PointsAdjusted: _points_adjusted,
+    ev.TierChanged: _tier_changed,
+    ev.CouponIssued: _coupon_issued,
+    ev.CouponRedeemed: _coupon_redeemed,
+    ev.CouponRedemptionReversed: _coupon_redemption_reversed,
+    ev.CouponVoided: _coupon_voided,
+    ev.CouponExpired: _coupon_expired,
+}

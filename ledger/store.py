@@ -1,0 +1,446 @@
+"""The event store on PostgreSQL: append with expected versions, read, tail, verify.
+
+Appends lock the single ``event_head`` row for the length of their
+transaction (see schema.sql): positions are gap-free, commit in order, and the
+hash chain extends one event at a time. ``append_many`` puts several
+commands' appends into one transaction (group commit), each under its own
+savepoint so that one refusal does not fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
+
+import asyncpg
+import msgspec
+
+from events.catalogue import Event, event_type
+from events.codec import GENESIS_HASH, canonical_bytes, chain_hash, encode_json, to_data
+from events.envelope import Envelope
+from events.upcasting import current_version
+from ledger.clock import Clock, system_clock
+
+log = logging.getLogger("loyalty.store")
+
+NOTIFY_CHANNEL = "loyalty_events"
+MAX_READ_LIMIT = 10_000
+MAX_WAIT_MS = 30_000
+
+
+class WrongExpectedVersion(Exception):
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id} is at version {actual}, not {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class IdentityTaken(Exception):
+    def __init__(self, identity_type: str, value: str, owner: str) -> None:
+        super().__init__(f"{identity_type} {value} belongs to another member")
+        self.identity_type = identity_type
+        self.value = value
+        self.owner = owner
+
+
+class NewEvent(NamedTuple):
+    occurred_at: datetime
+    event: Event
+
+
+class AlreadyAnswered(Exception):
+    """A command key (idempotency key or natural id) got its answer meanwhile."""
+
+    def __init__(self, stream_id: str, command_key: str) -> None:
+        super().__init__(f"{command_key} was answered already")
+        self.stream_id = stream_id
+        self.command_key = command_key
+
+
+class StoredResult(NamedTuple):
+    """A command's first answer, kept so a retry gets it again."""
+
+    stream_id: str
+    command_key: str
+    request_hash: str
+    status: int
+    body: bytes
+
+
+class ResultKey(NamedTuple):
+    stream_id: str
+    command_key: str
+    request_hash: str
+
+
+Respond = Callable[[list[Envelope]], tuple[int, bytes]]
+
+
+@dataclass
+class Append:
+    """One command's events for one stream, and what must commit with them.
+
+    ``respond`` turns the sealed events into the command's answer, stored
+    under every ``result_keys`` entry in the same transaction.
+    """
+
+    stream_id: str
+    expected_version: int | None  # None: any version
+    events: Sequence[NewEvent]
+    command_id: str | None = None
+    actor: str | None = None
+    programme_version: int | None = None
+    identities: Sequence[tuple[str, str]] = ()
+    result_keys: Sequence[ResultKey] = ()
+    respond: Respond | None = None
+    # Filled in by the store:
+    recorded: list[Envelope] = field(default_factory=list)
+    answer: tuple[int, bytes] = (201, b"{}")
+    results: list[StoredResult] = field(default_factory=list)
+
+
+class VerifyReport(msgspec.Struct, kw_only=True):
+    ok: bool
+    checked: int
+    head_position: int
+    head_hash: str
+    first_bad_position: int | None
+
+
+_ENVELOPE_COLUMNS = (
+    "position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,"
+    " command_id, actor, programme_version, data::text AS data, hash"
+)
+
+_INSERT_EVENTS = """
+INSERT INTO events (position, stream_id, stream_version, type, schema_version, occurred_at,
+                    recorded_at, command_id, actor, programme_version, data, hash)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[], $6::timestamptz[],
+                     $7::timestamptz[], $8::text[], $9::text[], $10::int[], $11::jsonb[], $12::text[])
+"""
+
+
+def envelope_from_row(row: asyncpg.Record) -> Envelope:
+    return Envelope(
+        position=row["position"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        type=row["type"],
+        schema_version=row["schema_version"],
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        command_id=row["command_id"],
+        actor=row["actor"],
+        programme_version=row["programme_version"],
+        data=msgspec.json.decode(row["data"]),
+        hash=row["hash"].strip(),
+    )
+
+
+def envelope_hash(envelope: Envelope, previous_hash: str) -> str:
+    return chain_hash(
+        previous_hash,
+        canonical_bytes(
+            position=envelope.position,
+            stream_id=envelope.stream_id,
+            stream_version=envelope.stream_version,
+            type=envelope.type,
+            schema_version=envelope.schema_version,
+            occurred_at=envelope.occurred_at,
+            recorded_at=envelope.recorded_at,
+            command_id=envelope.command_id,
+            actor=envelope.actor,
+            programme_version=envelope.programme_version,
+            data=envelope.data,
+        ),
+    )
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, clock: Clock = system_clock) -> None:
+        self.pool = pool
+        self.clock = clock
+        self._listener: asyncpg.Connection | None = None
+        self._head_seen = 0
+        self._head_changed = asyncio.Condition()
+
+    # -- appending -----------------------------------------------------------
+
+    async def append(self, append: Append) -> list[Envelope]:
+        """Append one command's events atomically; raises on a version conflict."""
+        [outcome] = await self.append_many([append])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def append_many(self, appends: Sequence[Append]) -> list[list[Envelope] | Exception]:
+        """Group commit: many commands in one transaction, one outcome each.
+
+        A command that fails its expected version or an identity check is
+        rolled back to its savepoint and reported; the others commit.
+        """
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                head_position, head_hash = await self._lock_head(conn)
+                outcomes: list[list[Envelope] | Exception] = []
+                rows: list[Envelope] = []
+                versions: dict[str, int] = {}
+                for append in appends:
+                    try:
+                        async with conn.transaction():  # a savepoint per command
+                            await self._check_and_reserve(conn, append, versions)
+                    except (WrongExpectedVersion, IdentityTaken, AlreadyAnswered) as refusal:
+                        outcomes.append(refusal)
+                        continue
+                    recorded = self._seal(append, head_position, head_hash, versions)
+                    self._answer(append)
+                    head_position, head_hash = recorded[-1].position, recorded[-1].hash
+                    rows.extend(recorded)
+                    outcomes.append(recorded)
+                if rows:
+                    await self._insert(conn, rows)
+                    await conn.execute(
+                        "UPDATE event_head SET position = $1, hash = $2", head_position, head_hash
+                    )
+                    await self._store_results(conn, [r for a in appends for r in a.results])
+                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(head_position))
+        return outcomes
+
+    async def _lock_head(self, conn: asyncpg.Connection) -> tuple[int, str]:
+        row = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
+        return row["position"], row["hash"].strip()
+
+    async def _check_and_reserve(self, conn, append: Append, versions: dict[str, int]) -> None:
+        # Every appender holds the head lock here, so this check cannot race
+        # another process answering the same key.
+        for key in append.result_keys:
+            if await conn.fetchval(
+                "SELECT 1 FROM command_results WHERE stream_id = $1 AND command_key = $2",
+                key.stream_id,
+                key.command_key,
+            ):
+                raise AlreadyAnswered(key.stream_id, key.command_key)
+        if append.stream_id not in versions:
+            versions[append.stream_id] = await conn.fetchval(
+                "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", append.stream_id
+            )
+        actual = versions[append.stream_id]
+        if append.expected_version is not None and append.expected_version != actual:
+            raise WrongExpectedVersion(append.stream_id, append.expected_version, actual)
+        for identity_type, value in append.identities:
+            owner = await conn.fetchval(
+                """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (identity_type, value) DO UPDATE SET stream_id = identities.stream_id
+                   RETURNING stream_id""",
+                identity_type,
+                value,
+                append.stream_id,
+            )
+            if owner != append.stream_id:
+                raise IdentityTaken(identity_type, value, owner)
+
+    def _seal(self, append: Append, position: int, previous_hash: str, versions: dict[str, int]) -> list[Envelope]:
+        """Give the command's events positions, versions and hashes."""
+        recorded_at = self.clock()
+        version = versions[append.stream_id]
+        for new in append.events:
+            position += 1
+            version += 1
+            name = event_type(new.event)
+            unsealed = Envelope(
+                position=position,
+                stream_id=append.stream_id,
+                stream_version=version,
+                type=name,
+                schema_version=current_version(name),
+                occurred_at=new.occurred_at,
+                recorded_at=recorded_at,
+                command_id=append.command_id,
+                actor=append.actor,
+                programme_version=append.programme_version,
+                data=to_data(new.event),
+                hash="",
+            )
+            previous_hash = envelope_hash(unsealed, previous_hash)
+            append.recorded.append(msgspec.structs.replace(unsealed, hash=previous_hash))
+        versions[append.stream_id] = version
+        return append.recorded
+
+    def _answer(self, append: Append) -> None:
+        if append.respond is None:
+            return
+        status, body = append.answer = append.respond(append.recorded)
+        append.results = [StoredResult(key.stream_id, key.command_key, key.request_hash, status, body) for key in append.result_keys]
+
+    async def _insert(self, conn: asyncpg.Connection, rows: list[Envelope]) -> None:
+        await conn.execute(
+            _INSERT_EVENTS,
+            [r.position for r in rows],
+            [r.stream_id for r in rows],
+            [r.stream_version for r in rows],
+            [r.type for r in rows],
+            [r.schema_version for r in rows],
+            [r.occurred_at for r in rows],
+            [r.recorded_at for r in rows],
+            [r.command_id for r in rows],
+            [r.actor for r in rows],
+            [r.programme_version for r in rows],
+            [encode_json(r.data).decode() for r in rows],
+            [r.hash for r in rows],
+        )
+
+    async def _store_results(self, conn: asyncpg.Connection, results: list[StoredResult]) -> None:
+        if results:
+            await conn.executemany(
+                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body)
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+                results,
+            )
+
+    async def store_result(self, result: StoredResult) -> None:
+        """Keep a refusal's answer (nothing appended) for retries of its key."""
+        async with self.pool.acquire() as conn:
+            await self._store_results(conn, [result])
+
+    async def stored_result(self, stream_id: str, command_key: str) -> StoredResult | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM command_results WHERE stream_id = $1 AND command_key = $2", stream_id, command_key
+        )
+        if row is None:
+            return None
+        return StoredResult(row["stream_id"], row["command_key"], row["request_hash"].strip(), row["status"], row["body"])
+
+    # -- reading -------------------------------------------------------------
+
+    async def read_stream(self, stream_id: str, after_version: int = 0, limit: int = MAX_READ_LIMIT) -> list[Envelope]:
+        rows = await self.pool.fetch(
+            f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2
+                ORDER BY stream_version LIMIT $3""",
+            stream_id,
+            after_version,
+            min(limit, MAX_READ_LIMIT),
+        )
+        return [envelope_from_row(r) for r in rows]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000, types: Sequence[str] | None = None) -> list[Envelope]:
+        limit = min(limit, MAX_READ_LIMIT)
+        if types:
+            rows = await self.pool.fetch(
+                f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 AND type = ANY($3::text[])
+                    ORDER BY position LIMIT $2""",
+                after_position,
+                limit,
+                list(types),
+            )
+        else:
+            rows = await self.pool.fetch(
+                f"SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+                after_position,
+                limit,
+            )
+        return [envelope_from_row(r) for r in rows]
+
+    async def head(self) -> tuple[int, str]:
+        row = await self.pool.fetchrow("SELECT position, hash FROM event_head")
+        return row["position"], row["hash"].strip()
+
+    async def stream_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Members in id order (for jobs and replays), paged by id."""
+        rows = await self.pool.fetch(
+            """SELECT stream_id FROM events WHERE stream_version = 1 AND stream_id > $1
+               ORDER BY stream_id LIMIT $2""",
+            after,
+            limit,
+        )
+        return [r["stream_id"] for r in rows]
+
+    async def identity_owner(self, identity_type: str, value: str) -> str | None:
+        return await self.pool.fetchval(
+            "SELECT stream_id FROM identities WHERE identity_type = $1 AND value = $2", identity_type, value
+        )
+
+    # -- tailing -------------------------------------------------------------
+
+    async def start_listening(self, connect: Callable[[], Any]) -> None:
+        """LISTEN for appends so that long polls wake at once."""
+        self._listener = await connect()
+        await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self._head_seen = (await self.head())[0]
+
+    async def stop_listening(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+
+    def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
+        position = int(payload)
+        if position > self._head_seen:
+            self._head_seen = position
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._head_changed:
+            self._head_changed.notify_all()
+
+    async def wait_for_position(self, after_position: int, wait_ms: int) -> bool:
+        """Wait (at most ``wait_ms``, capped at 30 s) until the head passes ``after_position``."""
+        wait_s = min(max(wait_ms, 0), MAX_WAIT_MS) / 1000
+        if self._head_seen > after_position:
+            return True
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            head = (await self.head())[0] if self._listener is None else self._head_seen
+            self._head_seen = max(self._head_seen, head)
+            if self._head_seen > after_position:
+                return True
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            async with self._head_changed:
+                try:
+                    # Without a listener, poll: a bounded wait either way.
+                    timeout = remaining if self._listener is not None else min(remaining, 0.05)
+                    await asyncio.wait_for(self._head_changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+
+    # -- verification --------------------------------------------------------
+
+    async def iter_all(self, after_position: int = 0, batch: int = 5000) -> AsyncIterator[list[Envelope]]:
+        while True:
+            envelopes = await self.read_all(after_position, batch)
+            if not envelopes:
+                return
+            yield envelopes
+            after_position = envelopes[-1].position
+
+    async def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Recompute the chain; the first changed, missing or reordered event is reported."""
+        previous_hash, expected_position, checked = GENESIS_HASH, 1, 0
+        first_bad: int | None = None
+        async for envelopes in self.iter_all():
+            for envelope in envelopes:
+                checked += 1
+                if first_bad is None:
+                    if envelope.position != expected_position:
+                        first_bad = expected_position  # a gap: an event was removed
+                    elif envelope_hash(envelope, previous_hash) != envelope.hash:
+                        first_bad = envelope.position
+                expected_position = envelope.position + 1
+                previous_hash = envelope.hash
+            if progress is not None:
+                progress(len(envelopes))
+        head_position, head_hash = await self.head()
+        if first_bad is None and (head_position != expected_position - 1 or head_hash != previous_hash):
+            first_bad = expected_position  # the log's tail was removed
+        return VerifyReport(
+            ok=first_bad is None,
+            checked=checked,
+            head_position=head_position,
+            head_hash=head_hash,
+            first_bad_position=first_bad,
+        )

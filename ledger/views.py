@@ -1,0 +1,106 @@
+"""What a member's state shows at a moment: balance, rolling growth, tier.
+
+Pure functions of (state, moment, programme). Balances come from bucket dates,
+so they are right before any job has run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from ledger.programme import Programme
+from ledger.state import Bucket, MemberState
+
+
+class Balance(msgspec.Struct, kw_only=True):
+    available: int
+    pending: int
+    debt: int
+    expiring_30d: int
+    lifetime_earned: int
+    lifetime_clawed: int
+    lifetime_adjusted: int
+    lifetime_redeemed: int
+    lifetime_expired: int
+    as_of: datetime
+
+
+class TierView(msgspec.Struct, kw_only=True):
+    tier: str
+    growth_window: int
+    next_tier: str | None
+    growth_needed: int
+    hold_until: datetime | None
+
+
+def available_buckets(state: MemberState, at: datetime) -> list[Bucket]:
+    """Buckets a burn may take from at ``at``, in burn order."""
+    usable = [b for b in state.buckets.values() if b.remaining > 0 and b.is_available(at)]
+    usable.sort(key=Bucket.burn_order)
+    return usable
+
+
+def available_points(state: MemberState, at: datetime) -> int:
+    """Spendable points at ``at``: available buckets minus debt (may be negative)."""
+    return sum(b.remaining for b in state.buckets.values() if b.is_available(at)) - state.debt
+
+
+def balance(state: MemberState, at: datetime) -> Balance:
+    pending = available = expiring = expired = 0
+    soon = at + timedelta(days=30)
+    for bucket in state.buckets.values():
+        if bucket.is_expired(at):
+            expired += bucket.remaining
+        elif bucket.is_pending(at):
+            pending += bucket.remaining
+        elif bucket.is_available(at):
+            available += bucket.remaining
+            if bucket.expires_at <= soon:
+                expiring += bucket.remaining
+    totals = state.totals
+    return Balance(
+        available=available - state.debt,
+        pending=pending,
+        debt=state.debt,
+        expiring_30d=expiring,
+        lifetime_earned=totals.earned,
+        lifetime_clawed=totals.clawed,
+        lifetime_adjusted=totals.adjusted,
+        lifetime_redeemed=totals.redeemed,
+        lifetime_expired=expired,
+        as_of=at,
+    )
+
+
+def rolling_growth(state: MemberState, at: datetime, programme: Programme) -> int:
+    """Growth of purchases with occurred_at in (at - window, at], net of their returns up to at."""
+    window_start = at - timedelta(days=programme.tier_window_days)
+    return sum(
+        purchase.growth_at(at)
+        for purchase in state.purchases.values()
+        if window_start < purchase.occurred_at <= at
+    )
+
+
+def current_tier(state: MemberState, programme: Programme) -> str:
+    return state.tier or programme.lowest_tier.name
+
+
+def tier_view(state: MemberState, at: datetime, programme: Programme) -> TierView:
+    tier = current_tier(state, programme)
+    growth = rolling_growth(state, at, programme)
+    following = programme.next_tier(tier)
+    return TierView(
+        tier=tier,
+        growth_window=growth,
+        next_tier=following.name if following else None,
+        growth_needed=max(following.threshold - growth, 0) if following else 0,
+        hold_until=state.hold_until,
+    )
+
+
+def status(state: MemberState) -> str:
+    """``prospect`` until the first purchase, then ``member``."""
+    return "member" if state.purchases else "prospect"
