@@ -1,0 +1,1 @@
+"""Read models folded from the event feed, their runtime and rebuilds."""
