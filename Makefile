@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (python3 and make): `make serve`, `make test`.
+# Each creates .venv and installs the project when missing, or again when
+# pyproject.toml has changed since the last install.
+
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || python3 -m venv $(VENV) || \
+		{ echo "python3 -m venv failed: install Python 3.11+ with venv (Debian: apt-get install python3-venv)"; exit 1; }
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# With no DATABASE_URL, runs an embedded PostgreSQL with its data in ./.loyalty/.
+serve: $(STAMP)
+	$(VENV)/bin/loyalty serve
+
+# A throwaway embedded PostgreSQL unless TEST_DATABASE_URL is set;
+# PYTEST_ARGS picks tests, e.g. make test PYTEST_ARGS=tests/test_database.py
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@if [ -f bench/run.py ]; then $(PYTHON) -m bench.run; else echo "no benchmark yet (bench/run.py does not exist)"; fi
+
+# Removes the environment and caches; the service's data in .loyalty/ is kept.
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info build dist
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
