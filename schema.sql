@@ -84,9 +84,12 @@ CREATE TABLE IF NOT EXISTS command_results (
 );
 
 -- Member state snapshots: a cache of evolve(), validated by stream_version.
+-- Losing one costs a longer fold, nothing else; `format` names the state's
+-- shape so a changed shape ignores old snapshots.
 CREATE TABLE IF NOT EXISTS member_snapshots (
     stream_id      text    PRIMARY KEY,
     stream_version integer NOT NULL,
+    format         integer NOT NULL,
     state          bytea   NOT NULL
 );
 

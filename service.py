@@ -59,6 +59,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 SETTINGS = web.AppKey("settings", "Settings")
 METRICS = web.AppKey("metrics", "Metrics")
 KEYS = web.AppKey("keys", "KeyRing")
+PRINCIPAL = web.RequestKey("principal", "Principal")
 
 
 # -- settings ------------------------------------------------------------------
@@ -290,7 +291,7 @@ def allow(roles: frozenset[str]) -> Callable[[Handler], Handler]:
             if wait_s is not None:
                 raise HttpProblem(429, "rate_limited", "too many requests for this key; slow down",
                                   {"Retry-After": str(max(1, int(wait_s + 0.999)))})
-            request["principal"] = principal
+            request[PRINCIPAL] = principal
             return await handler(request)
 
         guarded.roles = roles  # type: ignore[attr-defined]
@@ -455,7 +456,7 @@ def command_handler(operation: Operation) -> Handler:
         path_fields = {name: path_id(request, name) for name in operation.path_fields}
         command = decode(await read_body(request), operation.body, **path_fields)
         outcome = await run_operation(
-            request.app, operation, member_id, command, request["principal"], idempotency_key(request),
+            request.app, operation, member_id, command, request[PRINCIPAL], idempotency_key(request),
             if_match(request),
         )
         return outcome_response(outcome)
@@ -495,8 +496,8 @@ async def batch_line(request: web.Request, number: int, line: bytes) -> tuple[in
         operation = OPERATIONS_BY_NAME.get(parsed.op)
         if operation is None or operation.name == "coupon_void":
             raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
-        if request["principal"].role not in operation.roles:
-            raise HttpProblem(403, "forbidden", f"role {request['principal'].role} may not run {parsed.op}")
+        if request[PRINCIPAL].role not in operation.roles:
+            raise HttpProblem(403, "forbidden", f"role {request[PRINCIPAL].role} may not run {parsed.op}")
         member_id = parsed.member_id
         if member_id is not None and not _ID.match(member_id):
             raise HttpProblem(422, "invalid_id", "member_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", field="member_id")
@@ -506,7 +507,7 @@ async def batch_line(request: web.Request, number: int, line: bytes) -> tuple[in
         if operation.name == "enrol" and member_id is not None:
             command = msgspec.structs.replace(command, member_id=member_id)
             member_id = None
-        outcome = await run_operation(request.app, operation, member_id, command, request["principal"], parsed.idempotency_key)
+        outcome = await run_operation(request.app, operation, member_id, command, request[PRINCIPAL], parsed.idempotency_key)
         return outcome.status, outcome.body
     except HttpProblem as failure:
         return failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))
@@ -620,7 +621,7 @@ async def create_api_key(request: web.Request) -> web.StreamResponse:
     body = decode(await read_body(request), NewKey)
     if body.role not in ROLES:
         raise HttpProblem(422, "validation_failed", f"role is one of {', '.join(ROLES)}", field="role")
-    created = await request.app[KEYS].create(body.name, body.role, request["principal"].name)
+    created = await request.app[KEYS].create(body.name, body.role, request[PRINCIPAL].name)
     return json_response(created, status=201)
 
 
@@ -631,8 +632,8 @@ async def run_job_endpoint(request: web.Request) -> web.StreamResponse:
         raise HttpProblem(404, "job_not_found", f"jobs are {', '.join(JOBS)}")
     ledger = request.app[LEDGER]
     as_of = query_time(request, "as_of", ledger.clock())
-    log.info("job %s at %s started by %s", name, as_of.isoformat(), request["principal"].name)
-    report = await run_job(ledger, name, as_of, actor=f"job:{name}:{request['principal'].name}")
+    log.info("job %s at %s started by %s", name, as_of.isoformat(), request[PRINCIPAL].name)
+    report = await run_job(ledger, name, as_of, actor=f"job:{name}:{request[PRINCIPAL].name}")
     return json_response(report)
 
 

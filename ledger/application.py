@@ -44,6 +44,9 @@ log = logging.getLogger("loyalty.application")
 
 MAX_CONFLICT_RETRIES = 20
 CACHE_MEMBERS_MAX = 100_000
+# A snapshot is written when a member has this many events past the last one,
+# so a cold load reads at most this many events whatever the history's length.
+SNAPSHOT_EVERY_EVENTS = 100
 GLOBAL_SCOPE = "*"  # command_results.stream_id of Idempotency-Keys
 
 _sorted_encoder = msgspec.json.Encoder(order="sorted")
@@ -86,6 +89,7 @@ class Ledger:
         self.programme = programme
         self.clock = clock
         self._states: OrderedDict[str, MemberState] = OrderedDict()
+        self._snapshot_versions: dict[str, int] = {}
         self._locks = KeyedLocks()
 
     # -- member state ----------------------------------------------------------
@@ -96,14 +100,26 @@ class Ledger:
             return await self._load_locked(stream_id)
 
     async def _load_locked(self, stream_id: str) -> MemberState:
-        """Cached state plus any events appended since (by this or another process)."""
-        state = self._states.pop(stream_id, None) or MemberState()
+        """Cached state plus any events appended since (by this or another process).
+
+        Not cached: the latest snapshot plus the events after it. Either way
+        only the events past a known version are read, so deciding costs the
+        same for a member with 5 events and one with 5,000.
+        """
+        state = self._states.pop(stream_id, None)
+        if state is None:
+            state = await self.store.load_snapshot(stream_id, MemberState) or MemberState()
+            if state.version:
+                self._snapshot_versions[stream_id] = state.version
         while True:
             envelopes = await self.store.read_stream(stream_id, after_version=state.version)
             for envelope in envelopes:
                 evolve(state, fact_of(envelope))
             if len(envelopes) < 10_000:
                 break
+        if state.enrolled and state.version - self._snapshot_versions.get(stream_id, 0) >= SNAPSHOT_EVERY_EVENTS:
+            await self.store.save_snapshot(stream_id, state.version, state)
+            self._snapshot_versions[stream_id] = state.version
         if state.enrolled:
             self._remember(stream_id, state)
         return state
@@ -111,10 +127,12 @@ class Ledger:
     def _remember(self, stream_id: str, state: MemberState) -> None:
         self._states[stream_id] = state
         if len(self._states) > CACHE_MEMBERS_MAX:
-            self._states.popitem(last=False)
+            evicted, _state = self._states.popitem(last=False)
+            self._snapshot_versions.pop(evicted, None)
 
     def forget(self, stream_id: str) -> None:
         self._states.pop(stream_id, None)
+        self._snapshot_versions.pop(stream_id, None)
 
     async def state_as_of(self, stream_id: str, at: datetime) -> MemberState:
         """The member as the events with occurred_at <= ``at`` make it (log order)."""

@@ -27,6 +27,8 @@ from ledger.clock import Clock, system_clock
 log = logging.getLogger("loyalty.store")
 
 NOTIFY_CHANNEL = "loyalty_events"
+# Bump when MemberState's shape changes: older snapshots are then ignored.
+SNAPSHOT_FORMAT = 1
 MAX_READ_LIMIT = 10_000
 MAX_WAIT_MS = 30_000
 
@@ -361,6 +363,33 @@ class EventStore:
     async def identity_owner(self, identity_type: str, value: str) -> str | None:
         return await self.pool.fetchval(
             "SELECT stream_id FROM identities WHERE identity_type = $1 AND value = $2", identity_type, value
+        )
+
+    # -- snapshots -------------------------------------------------------------
+
+    async def load_snapshot(self, stream_id: str, state_type: type) -> Any | None:
+        """The latest snapshot of a stream's state, or None (it is only a cache)."""
+        row = await self.pool.fetchrow(
+            "SELECT state FROM member_snapshots WHERE stream_id = $1 AND format = $2", stream_id, SNAPSHOT_FORMAT
+        )
+        if row is None:
+            return None
+        try:
+            return msgspec.msgpack.decode(row["state"], type=state_type)
+        except msgspec.DecodeError:
+            log.warning("snapshot of %s is unreadable; folding from the start", stream_id)
+            return None
+
+    async def save_snapshot(self, stream_id: str, stream_version: int, state: Any) -> None:
+        await self.pool.execute(
+            """INSERT INTO member_snapshots (stream_id, stream_version, format, state) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (stream_id) DO UPDATE SET stream_version = excluded.stream_version,
+                   format = excluded.format, state = excluded.state
+               WHERE member_snapshots.stream_version < excluded.stream_version""",
+            stream_id,
+            stream_version,
+            SNAPSHOT_FORMAT,
+            msgspec.msgpack.encode(state),
         )
 
     # -- tailing -------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""Helpers for tests that talk HTTP to the real application on a real database."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from ledger.clock import ManualClock
+from ledger.programme import Programme
+from service import KEYS, LEDGER, Settings, create_app
+
+# A Tuesday, 10:00 in Shanghai.
+TUESDAY = datetime(2025, 1, 7, 2, 0, tzinfo=timezone.utc)
+
+
+class Api:
+    """An HTTP client with one key per role and the app's manual clock."""
+
+    def __init__(self, client: TestClient, clock: ManualClock, keys: dict[str, str]) -> None:
+        self.client = client
+        self.clock = clock
+        self.keys = keys
+        self.app = client.server.app
+
+    @property
+    def ledger(self):
+        return self.app[LEDGER]
+
+    def headers(self, role: str, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[role]}", **extra}
+
+    async def post(self, path: str, body=None, role: str = "checkout", **headers: str):
+        response = await self.client.post(path, json=body if body is not None else {}, headers=self.headers(role, **headers))
+        return response.status, await response.json(content_type=None), response
+
+    async def get(self, path: str, role: str = "admin", **params):
+        response = await self.client.get(path, params=params, headers=self.headers(role))
+        return response.status, await response.json(content_type=None), response
+
+    async def enrol(self, member_id: str, **body):
+        status, answer, _ = await self.post("/v1/members", {"member_id": member_id, **body})
+        assert status == 201, answer
+        return answer
+
+    async def purchase(self, member_id: str, purchase_id: str, amount_cents: int, **body):
+        return await self.post(
+            f"/v1/members/{member_id}/purchases",
+            {"purchase_id": purchase_id, "store_id": "s1", "amount_cents": amount_cents, **body},
+        )
+
+    async def head(self) -> int:
+        return (await self.ledger.store.head())[0]
+
+
+@asynccontextmanager
+async def running_api(pool, programme: Programme | None = None, start: datetime = TUESDAY, settings: Settings | None = None):
+    clock = ManualClock(start)
+    app = create_app(pool, programme or Programme(), clock, settings or Settings(rate_limit_per_s=None))
+    async with TestClient(TestServer(app)) as client:
+        keys = {}
+        for role in ("checkout", "reader", "auditor", "admin"):
+            created = await app[KEYS].create(f"test-{role}", role, "tests")
+            keys[role] = created["key"]
+        yield Api(client, clock, keys)

@@ -1,0 +1,160 @@
+"""Store conformance (CONTRACT §3): run against the embedded PostgreSQL and PostgreSQL 15."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timezone
+
+import asyncpg
+import pytest
+
+from events import catalogue as ev
+from ledger.store import Append, EventStore, IdentityTaken, NewEvent, WrongExpectedVersion
+
+pytestmark = pytest.mark.asyncio
+
+AT = datetime(2025, 1, 7, 2, 0, tzinfo=timezone.utc)
+
+
+def purchase(n: int) -> NewEvent:
+    return NewEvent(AT, ev.PurchaseRecorded(purchase_id=f"p{n}", store_id="s1", amount_cents=100 * n))
+
+
+@pytest.fixture
+def store(pool) -> EventStore:
+    return EventStore(pool)
+
+
+async def test_expected_version_conflict_appends_nothing(store):
+    await store.append(Append("m1", 0, [purchase(1)]))
+    with pytest.raises(WrongExpectedVersion):
+        await store.append(Append("m1", 0, [purchase(2)]))
+    assert [e.stream_version for e in await store.read_stream("m1")] == [1]
+    assert (await store.head())[0] == 1
+
+
+async def test_stream_versions_are_contiguous_and_positions_global(store):
+    await store.append(Append("m1", 0, [purchase(1), purchase(2)]))
+    await store.append(Append("m2", None, [purchase(3)]))
+    await store.append(Append("m1", 2, [purchase(4)]))
+    assert [e.stream_version for e in await store.read_stream("m1")] == [1, 2, 3]
+    assert [e.position for e in await store.read_all(0, 100)] == [1, 2, 3, 4]
+    assert [e.position for e in await store.read_all(2, 1)] == [3]
+
+
+async def test_group_commit_refuses_one_command_and_keeps_the_others(store):
+    outcomes = await store.append_many(
+        [Append("m1", 0, [purchase(1)]), Append("m1", 0, [purchase(2)]), Append("m2", 0, [purchase(3)])]
+    )
+    assert isinstance(outcomes[1], WrongExpectedVersion)
+    assert [e.position for e in outcomes[0]] == [1] and [e.position for e in outcomes[2]] == [2]
+    assert (await store.verify()).ok
+
+
+async def test_an_identity_belongs_to_one_member(store):
+    await store.append(Append("m1", 0, [purchase(1)], identities=[("phone", "1")]))
+    with pytest.raises(IdentityTaken):
+        await store.append(Append("m2", 0, [purchase(2)], identities=[("phone", "1")]))
+    assert await store.read_stream("m2") == []
+    assert await store.identity_owner("phone", "1") == "m1"
+
+
+@pytest.mark.parametrize("statement", ["UPDATE events SET type = 'x'", "DELETE FROM events", "TRUNCATE events"])
+async def test_the_database_refuses_changing_events(store, pool, statement):
+    await store.append(Append("m1", 0, [purchase(1)]))
+    with pytest.raises(asyncpg.PostgresError):
+        await pool.execute(statement)
+    assert len(await store.read_all()) == 1
+
+
+async def tamper(pool, statement: str, *args) -> None:
+    """Change the log behind the triggers' back, as a superuser could."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE events DISABLE TRIGGER USER")
+            await conn.execute(statement, *args)
+            await conn.execute("ALTER TABLE events ENABLE TRIGGER USER")
+
+
+async def test_verify_finds_a_changed_event_at_its_position(store, pool):
+    for n in range(1, 6):
+        await store.append(Append(f"m{n}", 0, [purchase(n)]))
+    assert (await store.verify()).ok
+    await tamper(pool, "UPDATE events SET data = jsonb_set(data, '{amount_cents}', '1') WHERE position = 3")
+    report = await store.verify()
+    assert not report.ok and report.first_bad_position == 3 and report.checked == 5
+
+
+async def test_verify_finds_a_deleted_event(store, pool):
+    for n in range(1, 6):
+        await store.append(Append(f"m{n}", 0, [purchase(n)]))
+    await tamper(pool, "DELETE FROM events WHERE position = 4")
+    report = await store.verify()
+    assert not report.ok and report.first_bad_position == 4
+
+
+async def test_verify_finds_a_removed_tail(store, pool):
+    for n in range(1, 4):
+        await store.append(Append(f"m{n}", 0, [purchase(n)]))
+    await tamper(pool, "DELETE FROM events WHERE position = 3")
+    report = await store.verify()
+    assert not report.ok and report.first_bad_position == 3
+
+
+async def test_verify_finds_reordered_events(store, pool):
+    for n in range(1, 6):
+        await store.append(Append(f"m{n}", 0, [purchase(n)]))
+    await tamper(pool, "UPDATE events SET position = -2 WHERE position = 2")
+    await tamper(pool, "UPDATE events SET position = 2 WHERE position = 3")
+    await tamper(pool, "UPDATE events SET position = 3 WHERE position = -2")
+    report = await store.verify()
+    assert not report.ok and report.first_bad_position == 2
+
+
+async def test_concurrent_writers_never_show_a_reader_a_gap_or_a_reordering(pool):
+    """8 connections append in parallel while a reader tails the feed; many rounds."""
+    store = EventStore(pool)
+    writers, rounds = 8, 25
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def write(writer: int) -> None:
+        for n in range(rounds):
+            events = [purchase(n) for _ in range(random.randint(1, 3))]
+            await store.append(Append(f"w{writer}", None, events))
+
+    async def tail() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            batch = await store.read_all(after, 7)
+            for envelope in batch:
+                # Strictly increasing by one: nothing missed, nothing reordered.
+                assert envelope.position == after + 1, (after, envelope.position)
+                after = envelope.position
+                seen.append(after)
+            if finished and not batch:
+                return
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(tail())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    done.set()
+    await reader
+    head = (await store.head())[0]
+    assert seen == list(range(1, head + 1))
+    assert (await store.verify()).ok
+
+
+async def test_long_poll_wakes_on_append(pool, database_url):
+    store = EventStore(pool)
+    await store.start_listening(lambda: asyncpg.connect(database_url))
+    try:
+        waiter = asyncio.create_task(store.wait_for_position(0, 5000))
+        await asyncio.sleep(0.05)
+        await store.append(Append("m1", 0, [purchase(1)]))
+        assert await asyncio.wait_for(waiter, 2) is True
+        assert await store.wait_for_position(1, 50) is False
+    finally:
+        await store.stop_listening()
