@@ -797,7 +797,17 @@ def create_app(pool, programme: Programme, clock: Clock = system_clock, settings
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     app.on_startup.append(_seed_admin_key)
+    app.on_startup.append(_start_group_commit)
+    app.on_cleanup.append(_stop_group_commit)
     return app
+
+
+async def _start_group_commit(app: web.Application) -> None:
+    app[LEDGER].store.start_group_commit()
+
+
+async def _stop_group_commit(app: web.Application) -> None:
+    await app[LEDGER].store.stop_group_commit()
 
 
 async def _seed_admin_key(app: web.Application) -> None:

@@ -158,3 +158,29 @@ async def test_long_poll_wakes_on_append(pool, database_url):
         assert await store.wait_for_position(1, 50) is False
     finally:
         await store.stop_listening()
+
+
+async def test_group_commit_puts_concurrent_commands_in_few_transactions(store, pool):
+    store.start_group_commit()
+    try:
+        transactions = 0
+        original = store.append_many
+
+        async def counting(appends):
+            nonlocal transactions
+            transactions += 1
+            return await original(appends)
+
+        store.append_many = counting
+        results = await asyncio.gather(
+            *(store.append(Append(f"g{n}", 0, [purchase(n)])) for n in range(200)),
+            store.append(Append("g0", 0, [purchase(999)])),
+            return_exceptions=True,
+        )
+        conflicts = [r for r in results if isinstance(r, WrongExpectedVersion)]
+        assert len(conflicts) == 1  # g0 twice at version 0: exactly one wins
+        assert transactions < 50
+        assert [e.position for e in await store.read_all(0, 1000)] == list(range(1, 201))
+        assert (await store.verify()).ok
+    finally:
+        await store.stop_group_commit()
