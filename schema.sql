@@ -52,11 +52,11 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS events_no_update ON events;
-CREATE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON events
+-- CREATE OR REPLACE (PostgreSQL 14+) keeps restarts from dropping the guard
+-- even for an instant.
+CREATE OR REPLACE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON events
     FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
-DROP TRIGGER IF EXISTS events_no_truncate ON events;
-CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
 
 -- One identity (phone, unionid, ...) belongs to one member. Written in the

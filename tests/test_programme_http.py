@@ -259,3 +259,28 @@ async def test_two_processes_redeeming_the_same_points_never_overdraw(database_u
     finally:
         for pool in pools:
             await pool.close()
+
+
+async def test_a_job_run_from_two_processes_at_once_appends_nothing_twice(database_url):
+    clock = ManualClock(TUESDAY)
+    pools = [await create_pool(database_url) for _ in range(2)]
+    try:
+        ledgers = [Ledger(EventStore(pool, clock), Programme(), clock) for pool in pools]
+        for n in range(6):
+            await ledgers[0].execute("enrol", f"m{n}", cmd.Enrol(member_id=f"m{n}", birthday="01-15"))
+            await ledgers[0].execute(
+                "purchase", f"m{n}", cmd.RecordPurchase(purchase_id="p", store_id="s", amount_cents=5000 + n)
+            )
+        later = TUESDAY + timedelta(days=400)
+        from ledger.jobs import run_job
+
+        reports = await asyncio.gather(*(run_job(ledger, "expire", later) for ledger in ledgers))
+        # 6 buckets and 24 welcome coupons expire once, whoever ran it.
+        assert sum(r["appended"] for r in reports) == 6 + 24
+        again = await run_job(ledgers[1], "expire", later)
+        assert again["appended"] == 0
+        birthdays = await asyncio.gather(*(run_job(ledger, "birthdays", TUESDAY) for ledger in ledgers))
+        assert sum(r["appended"] for r in birthdays) == 6
+    finally:
+        for pool in pools:
+            await pool.close()
