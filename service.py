@@ -479,35 +479,57 @@ async def batch(request: web.Request) -> web.StreamResponse:
     lines = [line for line in body.split(b"\n") if line.strip()]
     if len(lines) > BATCH_MAX_LINES:
         raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
-    results = await asyncio.gather(*(batch_line(request, n, line) for n, line in enumerate(lines, start=1)))
+    parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
+    # Lines on one member run in order; members run concurrently (group commit
+    # then puts their appends into few transactions).
+    by_member: dict[str, list[int]] = {}
+    for index, line in enumerate(parsed):
+        member = line.member_id if isinstance(line, BatchLine) and line.member_id else f"#{index}"
+        by_member.setdefault(member, []).append(index)
+    results: list[tuple[int, bytes]] = [(0, b"")] * len(parsed)
+
+    async def run_in_order(indexes: list[int]) -> None:
+        for index in indexes:
+            results[index] = await batch_line(request, parsed[index])
+
+    await asyncio.gather(*(run_in_order(indexes) for indexes in by_member.values()))
     payload = b"".join(encode_json({"line": n, "status": status, "body": msgspec.Raw(out)}) + b"\n"
                        for n, (status, out) in enumerate(results, start=1))
     return web.Response(status=200, body=payload, content_type=NDJSON)
 
 
-async def batch_line(request: web.Request, number: int, line: bytes) -> tuple[int, bytes]:
+def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
     try:
-        try:
-            parsed = msgspec.json.decode(line, type=BatchLine)
-        except msgspec.ValidationError as error:
-            raise validation_problem(error) from None
-        except msgspec.DecodeError as error:
-            raise HttpProblem(400, "malformed_json", f"line {number} is not valid JSON: {error}") from None
+        return msgspec.json.decode(line, type=BatchLine)
+    except msgspec.ValidationError as error:
+        return validation_problem(error)
+    except msgspec.DecodeError as error:
+        return HttpProblem(400, "malformed_json", f"line {number} is not valid JSON: {error}")
+
+
+async def batch_line(request: web.Request, parsed: BatchLine | HttpProblem) -> tuple[int, bytes]:
+    try:
+        if isinstance(parsed, HttpProblem):
+            raise parsed
         operation = OPERATIONS_BY_NAME.get(parsed.op)
         if operation is None or operation.name == "coupon_void":
             raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
-        if request[PRINCIPAL].role not in operation.roles:
-            raise HttpProblem(403, "forbidden", f"role {request[PRINCIPAL].role} may not run {parsed.op}")
+        principal = request[PRINCIPAL]
+        if principal.role not in operation.roles:
+            raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
         member_id = parsed.member_id
         if member_id is not None and not _ID.match(member_id):
             raise HttpProblem(422, "invalid_id", "member_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", field="member_id")
         if member_id is None and operation.name != "enrol":
             raise HttpProblem(422, "validation_failed", "member_id is required", field="member_id")
         command = decode(bytes(parsed.body), operation.body)
+        for name in operation.path_fields:  # in a batch the path's ids travel in the body
+            if not getattr(command, name):
+                raise HttpProblem(422, "validation_failed", f"{name} is required in the body of a {parsed.op} line", field=name)
         if operation.name == "enrol" and member_id is not None:
             command = msgspec.structs.replace(command, member_id=member_id)
             member_id = None
-        outcome = await run_operation(request.app, operation, member_id, command, request[PRINCIPAL], parsed.idempotency_key)
+        outcome = await run_operation(request.app, operation, member_id, command, principal, parsed.idempotency_key)
         return outcome.status, outcome.body
     except HttpProblem as failure:
         return failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))

@@ -200,20 +200,25 @@ async def test_birthday_coupon_once_a_year_in_the_birthday_month(api):
 
 async def test_batch_runs_each_line_as_its_own_command_in_order(api):
     lines = [
-        {"op": "enrol", "member_id": "b1", "body": {}},
-        {"op": "purchase", "member_id": "b1", "body": {"purchase_id": "p1", "store_id": "s", "amount_cents": 25800}},
+        {"op": "enrol", "member_id": "b1", "body": {}, "idempotency_key": "e1"},
+        {"op": "purchase", "member_id": "b1", "body": {"purchase_id": "p1", "store_id": "s", "amount_cents": 25800},
+         "idempotency_key": "b1"},
         {"op": "purchase", "member_id": "b1", "body": {"purchase_id": "p1", "store_id": "s", "amount_cents": 1}},
         {"op": "redemption", "member_id": "b1", "body": {"redemption_id": "r1", "points": 1000}},
         {"op": "nope", "member_id": "b1", "body": {}},
+        {"op": "coupon_redemption", "member_id": "b1", "body": {"coupon_id": "welcome-1", "order_ref": "o1",
+                                                                 "order_amount_cents": 10000}},
+        {"op": "coupon_redemption", "member_id": "b1", "body": {"order_ref": "o1", "order_amount_cents": 10000}},
+        "not json",
     ]
-    payload = "\n".join(json.dumps(line) for line in lines).encode()
+    payload = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines).encode()
     response = await api.client.post(
         "/v1/batch", data=payload, headers=api.headers("checkout", **{"Content-Type": "application/x-ndjson"})
     )
     assert response.status == 200
     results = [json.loads(line) for line in (await response.text()).splitlines()]
-    assert [r["line"] for r in results] == [1, 2, 3, 4, 5]
-    assert [r["status"] for r in results] == [201, 201, 409, 409, 422]
+    assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["status"] for r in results] == [201, 201, 409, 409, 422, 201, 422, 400]
     assert results[1]["body"]["points"] == 25
 
 
