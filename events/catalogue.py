@@ -83,6 +83,9 @@ class PointsClawedBack(Event, tag="points_clawed_back", kw_only=True):
     # The part no bucket could cover: owed as debt, or written off (absorb).
     debt: int
     written_off: int
+    # Burned points the expire job had already written off as expired (a late
+    # event, dated before expires_at, spent them): the trail takes them back.
+    unexpired: list[BucketPoints] = []
 
 
 class PointsRedeemed(Event, tag="points_redeemed", kw_only=True):
@@ -90,6 +93,9 @@ class PointsRedeemed(Event, tag="points_redeemed", kw_only=True):
     points: int
     order_ref: str | None
     buckets: list[BucketPoints]
+    # Burned points the expire job had already written off as expired (a late
+    # event, dated before expires_at, spent them): the trail takes them back.
+    unexpired: list[BucketPoints] = []
 
 
 class RedemptionReversed(Event, tag="redemption_reversed", kw_only=True):
@@ -115,6 +121,9 @@ class PointsAdjusted(Event, tag="points_adjusted", kw_only=True):
     bucket: NewBucket | None
     buckets: list[BucketPoints]
     debt_paid: int
+    # Burned points the expire job had already written off as expired (a late
+    # event, dated before expires_at, spent them): the trail takes them back.
+    unexpired: list[BucketPoints] = []
 
 
 class TierChanged(Event, tag="tier_changed", kw_only=True):
@@ -137,6 +146,9 @@ class CouponIssued(Event, tag="coupon_issued", kw_only=True):
     source: str  # admin | welcome | birthday | points
     points_cost: int = 0
     buckets: list[BucketPoints] = []
+    # Burned points the expire job had already written off as expired (a late
+    # event, dated before expires_at, spent them): the trail takes them back.
+    unexpired: list[BucketPoints] = []
 
 
 class CouponRedeemed(Event, tag="coupon_redeemed", kw_only=True):

@@ -63,6 +63,22 @@ def _take(buckets: list[Bucket], points: int) -> tuple[list[ev.BucketPoints], in
     return parts, points
 
 
+def _unexpired(state: MemberState, parts: list[ev.BucketPoints]) -> list[ev.BucketPoints]:
+    """The parts of a burn that the trail already shows as expired.
+
+    A late event (dated before a bucket's expires_at, recorded after the expire
+    job wrote the bucket off) may spend those points; the trail takes the
+    expiry back so its running balance stays equal to the balance.
+    """
+    unexpired = []
+    for part in parts:
+        bucket = state.buckets[part.bucket_id]
+        excess = bucket.expired_points_recorded - (bucket.remaining - part.points)
+        if excess > 0:
+            unexpired.append(ev.BucketPoints(bucket.bucket_id, min(excess, part.points)))
+    return unexpired
+
+
 def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.BucketPoints]:
     """Burn soonest-expiry first; never overdraws (409 insufficient_points)."""
     spendable = available_points(state, at)
@@ -218,6 +234,7 @@ def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme,
                 buckets=parts,
                 debt=debt,
                 written_off=written_off,
+                unexpired=_unexpired(state, parts),
             ),
         ),
     ]
@@ -253,7 +270,11 @@ def _redeem(state: MemberState, command: cmd.Redeem, programme: Programme, now: 
     at = business_time(command.occurred_at, programme, now)
     parts = _burn_available(state, command.points, at)
     event = ev.PointsRedeemed(
-        redemption_id=command.redemption_id, points=command.points, order_ref=command.order_ref, buckets=parts
+        redemption_id=command.redemption_id,
+        points=command.points,
+        order_ref=command.order_ref,
+        buckets=parts,
+        unexpired=_unexpired(state, parts),
     )
     return [Decided(at, event)]
 
@@ -265,8 +286,12 @@ def _reverse_redemption(state: MemberState, command: cmd.ReverseRedemption, prog
     if redemption.reversed:
         raise DuplicateCommand(f"redemption_reversal:{command.redemption_id}")
     at = business_time(command.occurred_at, programme, now)
+    # Restored into a bucket past its expiry, or one the expire job already
+    # wrote off: expired again at once, and the trail says so.
     expired = [
-        part for part in redemption.buckets if state.buckets[part.bucket_id].is_expired(at)
+        part
+        for part in redemption.buckets
+        if state.buckets[part.bucket_id].is_expired(at) or state.buckets[part.bucket_id].expiry_recorded
     ]
     event = ev.RedemptionReversed(
         redemption_id=redemption.redemption_id,
@@ -297,6 +322,7 @@ def _issue_coupon(state: MemberState, command: cmd.IssueCoupon, programme: Progr
         source="points" if points_cost else "admin",
         points_cost=points_cost,
         buckets=parts,
+        unexpired=_unexpired(state, parts),
     )
     return [Decided(at, event)]
 
@@ -363,6 +389,7 @@ def _adjust(state: MemberState, command: cmd.Adjust, programme: Programme, now: 
         bucket=bucket if command.points > 0 else None,
         buckets=burned,
         debt_paid=debt_paid,
+        unexpired=_unexpired(state, burned),
     )
     return [Decided(at, event)]
 

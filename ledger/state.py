@@ -172,11 +172,13 @@ def fold(facts, state: MemberState | None = None) -> MemberState:
     return state
 
 
-def _burn(state: MemberState, parts: list[ev.BucketPoints]) -> None:
+def _burn(state: MemberState, parts: list[ev.BucketPoints], unexpired: list[ev.BucketPoints]) -> None:
     for part in parts:
         bucket = state.buckets[part.bucket_id]
         bucket.remaining -= part.points
         assert 0 <= bucket.remaining <= bucket.amount, bucket
+    for part in unexpired:
+        state.buckets[part.bucket_id].expired_points_recorded -= part.points
 
 
 def _credit_bucket(state: MemberState, new: ev.NewBucket, ref: str, fact: Fact) -> None:
@@ -234,14 +236,14 @@ def _points_clawed_back(state: MemberState, event: ev.PointsClawedBack, fact: Fa
     purchase.clawed_points += event.points
     purchase.clawed_growth += event.growth
     purchase.returns.append(GrowthReturn(fact.occurred_at, event.growth))
-    _burn(state, event.buckets)
+    _burn(state, event.buckets, event.unexpired)
     state.debt += event.debt
     state.totals.clawed += event.points - event.written_off
     state.totals.written_off += event.written_off
 
 
 def _points_redeemed(state: MemberState, event: ev.PointsRedeemed, fact: Fact) -> None:
-    _burn(state, event.buckets)
+    _burn(state, event.buckets, event.unexpired)
     state.totals.redeemed += event.points
     state.redemptions[event.redemption_id] = Redemption(
         redemption_id=event.redemption_id,
@@ -274,7 +276,7 @@ def _points_adjusted(state: MemberState, event: ev.PointsAdjusted, fact: Fact) -
     state.debt -= event.debt_paid
     if event.bucket is not None:
         _credit_bucket(state, event.bucket, event.adjustment_id, fact)
-    _burn(state, event.buckets)
+    _burn(state, event.buckets, event.unexpired)
 
 
 def _tier_changed(state: MemberState, event: ev.TierChanged, fact: Fact) -> None:
@@ -300,7 +302,7 @@ def _coupon_issued(state: MemberState, event: ev.CouponIssued, fact: Fact) -> No
         points_cost=event.points_cost,
     )
     if event.buckets:
-        _burn(state, event.buckets)
+        _burn(state, event.buckets, event.unexpired)
         state.totals.redeemed += event.points_cost
 
 
