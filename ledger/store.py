@@ -169,6 +169,8 @@ class EventStore:
         self.pool = pool
         self.clock = clock
         self._listener: asyncpg.Connection | None = None
+        self._connect: Callable[[], Any] | None = None
+        self._relisten: asyncio.Task | None = None
         self._head_seen = 0
         self._head_changed = asyncio.Condition()
         self._group: GroupCommit | None = None
@@ -198,19 +200,27 @@ class EventStore:
     async def append_many(self, appends: Sequence[Append]) -> list[list[Envelope] | Exception]:
         """Group commit: many commands in one transaction, one outcome each.
 
-        A command that fails its expected version or an identity check is
-        rolled back to its savepoint and reported; the others commit.
+        A command that fails its expected version, finds its key answered
+        (before or earlier in the batch) or an identity taken is reported and
+        leaves nothing behind (identity links are undone by a savepoint); the
+        others commit.
         """
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 head_position, head_hash = await self._lock_head(conn)
                 outcomes: list[list[Envelope] | Exception] = []
                 rows: list[Envelope] = []
-                versions: dict[str, int] = {}
+                # Two set-based reads for the whole batch (not two per command):
+                # the round trips under the head lock are what limit throughput.
+                answered = await self._answered_keys(conn, appends)
+                versions = await self._stream_versions(conn, appends)
                 for append in appends:
                     try:
-                        async with conn.transaction():  # a savepoint per command
-                            await self._check_and_reserve(conn, append, versions)
+                        self._check_and_reserve(append, answered, versions)
+                        if append.identities:
+                            async with conn.transaction():  # a savepoint: a taken identity undoes this command's links only
+                                await self._link_identities(conn, append)
+                        answered.update((k.stream_id, k.command_key) for k in append.result_keys)
                     except (WrongExpectedVersion, IdentityTaken, AlreadyAnswered) as refusal:
                         outcomes.append(refusal)
                         continue
@@ -232,23 +242,41 @@ class EventStore:
         row = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
         return row["position"], row["hash"].strip()
 
-    async def _check_and_reserve(self, conn, append: Append, versions: dict[str, int]) -> None:
-        # Every appender holds the head lock here, so this check cannot race
-        # another process answering the same key.
+    async def _answered_keys(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> set[tuple[str, str]]:
+        """The batch's result keys that already have an answer stored."""
+        keys = [key for append in appends for key in append.result_keys]
+        if not keys:
+            return set()
+        rows = await conn.fetch(
+            """SELECT stream_id, command_key FROM command_results
+               WHERE (stream_id, command_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            [key.stream_id for key in keys],
+            [key.command_key for key in keys],
+        )
+        return {(row["stream_id"], row["command_key"]) for row in rows}
+
+    async def _stream_versions(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, int]:
+        """Each of the batch's streams' current version (0 for a new stream)."""
+        rows = await conn.fetch(
+            """SELECT s.stream_id, coalesce((SELECT max(e.stream_version) FROM events e
+                                             WHERE e.stream_id = s.stream_id), 0) AS version
+               FROM unnest($1::text[]) AS s(stream_id)""",
+            list({append.stream_id for append in appends}),
+        )
+        return {row["stream_id"]: row["version"] for row in rows}
+
+    def _check_and_reserve(self, append: Append, answered: set[tuple[str, str]], versions: dict[str, int]) -> None:
+        # Every appender holds the head lock while ``answered`` and ``versions``
+        # are read and used, so this check cannot race another process; keys
+        # answered earlier in the same batch are in ``answered`` too.
         for key in append.result_keys:
-            if await conn.fetchval(
-                "SELECT 1 FROM command_results WHERE stream_id = $1 AND command_key = $2",
-                key.stream_id,
-                key.command_key,
-            ):
+            if (key.stream_id, key.command_key) in answered:
                 raise AlreadyAnswered(key.stream_id, key.command_key)
-        if append.stream_id not in versions:
-            versions[append.stream_id] = await conn.fetchval(
-                "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", append.stream_id
-            )
         actual = versions[append.stream_id]
         if append.expected_version is not None and append.expected_version != actual:
             raise WrongExpectedVersion(append.stream_id, append.expected_version, actual)
+
+    async def _link_identities(self, conn: asyncpg.Connection, append: Append) -> None:
         for identity_type, value in append.identities:
             owner = await conn.fetchval(
                 """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
@@ -411,15 +439,46 @@ class EventStore:
     # -- tailing -------------------------------------------------------------
 
     async def start_listening(self, connect: Callable[[], Any]) -> None:
-        """LISTEN for appends so that long polls wake at once."""
-        self._listener = await connect()
-        await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        self._head_seen = (await self.head())[0]
+        """LISTEN for appends so that long polls wake at once.
+
+        A lost listener (connection cut, database restarted) is replaced in the
+        background; meanwhile long polls poll (tests/test_database_faults.py).
+        """
+        self._connect = connect
+        await self._listen()
+
+    async def _listen(self) -> None:
+        listener = await self._connect()
+        await listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        listener.add_termination_listener(self._on_listener_lost)
+        self._listener = listener
+        # Appends while no one listened sent notifications nobody heard.
+        self._head_seen = max(self._head_seen, (await self.head())[0])
+
+    def _on_listener_lost(self, _conn) -> None:
+        self._listener = None
+        if self._connect is not None and self._relisten is None:
+            self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        try:
+            while self._connect is not None and self._listener is None:
+                try:
+                    await asyncio.wait_for(self._listen(), 10)
+                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as failure:
+                    log.warning("cannot LISTEN again (%s); retrying in 1 s", failure)
+                    await asyncio.sleep(1)
+            await self._wake()
+        finally:
+            self._relisten = None
 
     async def stop_listening(self) -> None:
+        self._connect = None
+        if self._relisten is not None:
+            self._relisten.cancel()
         if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
+            listener, self._listener = self._listener, None
+            await listener.close()
 
     def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
         position = int(payload)
