@@ -260,11 +260,16 @@ async def problems_and_metrics(request: web.Request, handler):
 
 
 def _is_connection_failure(failure: Exception) -> bool:
+    # Whole SQLSTATE classes, not single errors: a connection cut mid-query shows
+    # up as any of them (tests/test_database_faults.py found InternalClientError).
     return isinstance(
         failure,
-        (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.CannotConnectNowError,
-         asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
-         asyncpg.exceptions.ConnectionFailureError),
+        (asyncpg.exceptions.PostgresConnectionError,  # class 08: connection exceptions
+         asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now, cancelled
+         asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+         asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
+         asyncpg.exceptions.InterfaceError,
+         asyncpg.exceptions.InternalClientError),  # a connection left mid-operation by a cut
     )
 
 

@@ -157,7 +157,9 @@ class ServiceProcess:
     async def __aenter__(self) -> "ServiceProcess":
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # shown by pytest with the failure
+            print(f"--- service log (tail) ---\n{self.output()[-6000:]}")
         self.close()
 
 
@@ -265,3 +267,114 @@ async def assert_chain_verifies(client: Client) -> dict:
     assert status == 200, report
     assert report["ok"] and report["first_bad_position"] is None, report
     return report
+
+
+# -- a database that can be cut off --------------------------------------------------
+
+
+class FaultyProxy:
+    """A TCP proxy in front of PostgreSQL that a test can cut, close or black-hole.
+
+    The service is given ``proxied_url`` instead of the real URL. ``cut()`` drops
+    every open connection (as a server restart does); ``refuse()`` also closes the
+    port (connection refused: the database is down); ``blackhole()`` accepts and
+    forwards nothing (a network partition: the worst case for timeouts);
+    ``heal()`` goes back to forwarding. Works with a TCP or a Unix-socket server.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+        self.database_url = database_url
+        parts = urlsplit(database_url)
+        socket_dir = parse_qs(parts.query).get("host", [None])[0] or (parts.hostname if (parts.hostname or "").startswith("/") else None)
+        self.target_port = parts.port or 5432
+        self.target_socket = f"{socket_dir}/.s.PGSQL.{self.target_port}" if socket_dir else None
+        self.target_host = parts.hostname or "127.0.0.1"
+        self.port = free_port()
+        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        self.proxied_url = urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{self.port}", query=""))
+        self.mode = "forward"
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> "FaultyProxy":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.mode = "forward"
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        if self.mode == "blackhole":
+            return  # held open, never answered
+        try:
+            if self.target_socket:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target_socket)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                if self.mode == "blackhole":
+                    continue  # swallowed
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()
+
+    def cut(self) -> None:
+        """Drop every open connection (both sides)."""
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def refuse(self) -> None:
+        """The database is down: open connections dropped, new ones refused."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self.cut()
+
+    def blackhole(self) -> None:
+        """Connections stay open and new ones are accepted, but nothing gets through."""
+        self.mode = "blackhole"
+
+    async def heal(self) -> None:
+        self.cut()  # black-holed connections are useless: drop them as a network recovery would
+        self.mode = "forward"
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        await self.refuse()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def terminate_backends(database_url: str, application_name: str | None = None) -> int:
+    """pg_terminate_backend on the database's connections but our own (or those of one application)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()
+                 AND ($1::text IS NULL OR application_name = $1)""",
+            application_name,
+        )
+    finally:
+        await conn.close()
