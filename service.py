@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncpg
 import msgspec
@@ -71,6 +71,7 @@ class Settings:
     rate_burst: float = 400.0
     scheduler: bool = True
     admin_key: str | None = None
+    request_deadline_s: float = 10.0  # every bounded request answers within this (503 after)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -80,6 +81,7 @@ class Settings:
             rate_burst=2 * float(limit) if limit.lower() != "off" else 0.0,
             scheduler=os.environ.get("LOYALTY_SCHEDULER", "on").lower() != "off",
             admin_key=os.environ.get("LOYALTY_ADMIN_KEY") or None,
+            request_deadline_s=float(os.environ.get("LOYALTY_REQUEST_DEADLINE_S", "10")),
         )
 
 
@@ -232,7 +234,7 @@ async def problems_and_metrics(request: web.Request, handler):
     metrics: Metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        response = await bounded(handler(request), request_deadline_s(request))
     except HttpProblem as failure:
         response = problem_response(failure.status, failure.code, failure.detail, failure.headers, **failure.extra)
     except web.HTTPException as http:
@@ -243,6 +245,10 @@ async def problems_and_metrics(request: web.Request, handler):
             413: "the body is larger than allowed (64 KiB; batch 8 MiB)",
         }.get(http.status, http.reason or "error")
         response = problem_response(http.status, code, detail)
+    except RequestTimeout:
+        log.warning("%s %s did not finish within its deadline: answered 503", request.method, request.path)
+        response = problem_response(503, "request_timeout", "the request did not finish in time (the database is slow "
+                                    "or unreachable); retry with the same Idempotency-Key", {"Retry-After": "1"})
     except (asyncio.TimeoutError, OSError) as failure:
         log.warning("database unavailable on %s %s: %s", request.method, request.path, failure)
         response = problem_response(503, "database_unavailable", "the database is not reachable; retry", {"Retry-After": "1"})
@@ -257,6 +263,58 @@ async def problems_and_metrics(request: web.Request, handler):
     metrics.requests.labels(request.method, route, str(response.status)).inc()
     metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
     return response
+
+
+# Every request answers within Settings.request_deadline_s (LOYALTY_REQUEST_DEADLINE_S,
+# default 10), whatever the database does; a long poll gets its wait on top.
+# Long jobs (batch, verify, time jobs, rebuilds) are not bounded.
+READY_PROBE_S = 2.0
+_UNBOUNDED_PATHS = ("/v1/batch", "/v1/audit/verify", "/v1/jobs/", "/v1/projections/")
+
+
+T = TypeVar("T")
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+def request_deadline_s(request: web.Request) -> float | None:
+    if request.path.startswith(_UNBOUNDED_PATHS):
+        return None
+    deadline_s = request.app[SETTINGS].request_deadline_s
+    if request.path == "/v1/events":
+        return deadline_s + MAX_WAIT_MS / 1000
+    return deadline_s
+
+
+async def bounded(work: Awaitable[T], deadline_s: float | None) -> T:
+    """``work``'s result, or RequestTimeout after ``deadline_s``.
+
+    On time-out the work is cancelled but not waited for: asyncpg returns a
+    connection cut off mid-query to its pool only after a cancel request that
+    can itself hang on a silent database (tests/test_database_faults.py), so
+    waiting for the cancellation would hold the answer just as long. A command
+    that still commits after its 503 is found by the retry's Idempotency-Key.
+    """
+    if deadline_s is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_forget_result)
+        raise RequestTimeout()
+    return task.result()
+
+
+def _forget_result(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 def _is_connection_failure(failure: Exception) -> bool:
@@ -674,10 +732,15 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 async def readyz(request: web.Request) -> web.StreamResponse:
     from ledger.database import schema_is_current
 
-    try:
+    async def probe() -> bool:
         async with request.app[LEDGER].store.pool.acquire(timeout=2) as conn:
-            if not await schema_is_current(conn):
-                return problem_response(503, "not_ready", "the schema is not applied yet", {"Retry-After": "1"})
+            return await schema_is_current(conn)
+
+    try:
+        if not await bounded(probe(), READY_PROBE_S):
+            return problem_response(503, "not_ready", "the schema is not applied yet", {"Retry-After": "1"})
+    except RequestTimeout:
+        return problem_response(503, "not_ready", f"the database did not answer within {READY_PROBE_S} s", {"Retry-After": "1"})
     except Exception as failure:  # any failure to reach the database means not ready
         return problem_response(503, "not_ready", f"the database is not reachable: {failure}", {"Retry-After": "1"})
     return json_response({"status": "ready"})
