@@ -237,10 +237,13 @@ def wrk(url: str, script: str, args: list[str], *, connections: int, duration_s:
         timeout_s: int = 10) -> WrkResult:
     """Run wrk with one of bench/lua/*.lua; its ``done`` prints one JSON line we parse."""
     argv = [
-        require_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
+        require_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s",
         "--timeout", f"{timeout_s}s", "-s", str(LUA / script), url, "--", *args,
     ]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    out = done.stdout
     for line in out.splitlines():
         if line.startswith("BENCH_JSON "):
             data = json.loads(line[len("BENCH_JSON "):])

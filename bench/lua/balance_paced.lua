@@ -1,6 +1,6 @@
 -- GET a random member's balance at a fixed total rate (wrk has no -R: we pace
 -- with delay(), on a per-thread schedule read from CLOCK_MONOTONIC via ffi).
--- args: member_count rate_per_s threads api_key
+-- args: member_prefix member_count rate_per_s threads api_key
 package.path = debug.getinfo(1, "S").source:match("@(.*/)") .. "?.lua;" .. package.path
 require("common")
 local ffi = require("ffi")
@@ -16,9 +16,10 @@ local function now_ms()
 end
 
 function init(args)
-   member_count = tonumber(args[1])
-   interval_ms = 1000 / (tonumber(args[2]) / tonumber(args[3]))
-   headers = {["Authorization"] = "Bearer " .. args[4]}
+   member_prefix = args[1]
+   member_count = tonumber(args[2])
+   interval_ms = 1000 / (tonumber(args[3]) / tonumber(args[4]))
+   headers = {["Authorization"] = "Bearer " .. args[5]}
    math.randomseed(os.time() * 1000 + tid)
    next_ms = nil
 end
@@ -34,6 +35,6 @@ function delay()
 end
 
 function request()
-   local member = "m" .. math.random(0, member_count - 1)
+   local member = member_prefix .. math.random(0, member_count - 1)
    return wrk.format("GET", "/v1/members/" .. member .. "/balance", headers)
 end

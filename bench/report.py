@@ -1,0 +1,251 @@
+"""From a run's measurements to figures: the printed table, the chart, the README table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+NOT_YET = "not yet measurable"
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def _row(figure, ours, baseline, ratio, goal, met, note=""):
+    return {"figure": figure, "ours": ours, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met, "note": note}
+
+
+def figures(out: dict) -> list[dict]:
+    rows = []
+    ingest = out.get("ingest")
+    if ingest:
+        ours, base = ingest["ours"], ingest["baseline"]
+        ratio = ours["rps"] / base["rps"]
+        rows.append(_row(
+            "HTTP purchase ingest, 64 connections, random members",
+            f"{_fmt(ours['rps'], 'req/s')} ({_fmt(ingest['events_per_s'], 'events/s')}; p99 {_fmt(ours['latency_ms']['p99'], 'ms')})",
+            f"no-op aiohttp POST decoding the body: {_fmt(base['rps'], 'req/s')}",
+            round(ratio, 3), "≥ 0.45", ratio >= 0.45,
+            f"non-2xx {ours['non_2xx']}, socket errors {sum(ours['errors'].values()) - ours['non_2xx']}",
+        ))
+    imp = out.get("import")
+    if imp:
+        copy = imp["raw"]["copy_events_per_s"]
+        ratio = imp["events_per_s"] / copy
+        rows.append(_row(
+            "bulk import, /v1/batch (purchases, 5,000 lines a request, 2 in flight)",
+            f"{_fmt(imp['events_per_s'], 'events/s')} ({_fmt(imp['commands_per_s'], 'commands/s')})",
+            f"COPY of the same rows into an equivalent table: {_fmt(copy, 'events/s')} "
+            f"(multi-row INSERT {_fmt(imp['raw']['insert_events_per_s'], 'events/s')})",
+            round(ratio, 3), "≥ 50,000 events/s and ≥ 0.30", imp["events_per_s"] >= 50_000 and ratio >= 0.30,
+        ))
+        cli = imp.get("loyalty_import")
+        if cli and "events_per_s" in cli:
+            ratio = cli["events_per_s"] / copy
+            rows.append(_row("bulk import, `loyalty import FILE`", _fmt(cli["events_per_s"], "events/s"),
+                             f"the COPY above: {_fmt(copy, 'events/s')}", round(ratio, 3),
+                             "≥ 50,000 events/s and ≥ 0.30", cli["events_per_s"] >= 50_000 and ratio >= 0.30))
+        else:
+            rows.append(_row("bulk import, `loyalty import FILE`", NOT_YET if cli is None else f"failed: {cli.get('error', '')[:80]}",
+                             "—", None, "≥ 50,000 events/s and ≥ 0.30", None,
+                             "the command does not exist yet" if cli is None else ""))
+    projections = out.get("projections", {})
+    if not projections.get("catch_up"):
+        rows.append(_row("projection catch-up and rebuild over 1M events", NOT_YET, "raw sequential read of the events",
+                         None, "≥ 100,000 events/s and ≥ 0.30", None,
+                         "no `loyalty project` command when this run started"))
+    reads = out.get("reads")
+    if reads:
+        ours, base = reads["ours"], reads["baseline"]
+        p99, p99_base = ours["latency_ms"]["p99"], base["latency_ms"]["p99"]
+        rows.append(_row(
+            f"balance read at a fixed {out['plan']['paced_rate']:,} req/s",
+            f"p50 {_fmt(ours['latency_ms']['p50'], 'ms')}, p99 {_fmt(p99, 'ms')} (at {_fmt(ours['rps'], 'req/s')})",
+            f"no-op aiohttp GET: p50 {_fmt(base['latency_ms']['p50'], 'ms')}, p99 {_fmt(p99_base, 'ms')}",
+            round(p99 / p99_base, 2) if p99_base else None, "p99 < 5 ms", p99 < 5 and ours["non_2xx"] == 0,
+            "ratio is p99 over the baseline's p99",
+        ))
+    if not projections.get("lag"):
+        rows.append(_row("projection lag at half the maximum ingest", NOT_YET, "—", None, "p99 < 500 ms", None,
+                         "no projections when this run started"))
+    stored = out.get("stored")
+    if stored and ingest:
+        ratio = stored["ours"]["rps"] / ingest["ours"]["rps"]
+        events = stored["filler"]["events"]
+        rows.append(_row(
+            f"ingest with {events / 1e6:g}M events stored",
+            _fmt(stored["ours"]["rps"], "req/s"),
+            f"the empty store (ingest above): {_fmt(ingest['ours']['rps'], 'req/s')}",
+            round(ratio, 3), "≥ 0.80", ratio >= 0.80,
+            ("quick mode: fewer events than the goal's 1M and 10M; " if out["mode"] == "quick" else
+             "10M: BENCH_STORED_EVENTS=10000000; ") + f"history written by COPY in {stored['filler']['seconds']:g} s",
+        ))
+    heavy = out.get("heavy")
+    if heavy:
+        light_p50 = (heavy["light"]["latency_ms"]["p50"] + heavy["light_again"]["latency_ms"]["p50"]) / 2
+        heavy_p50 = heavy["heavy"]["latency_ms"]["p50"]
+        ratio = heavy_p50 / light_p50
+        cold_h = sum(heavy["cold_first_purchase_ms"]["h"]) / max(len(heavy["cold_first_purchase_ms"]["h"]), 1)
+        cold_l = sum(heavy["cold_first_purchase_ms"]["l"]) / max(len(heavy["cold_first_purchase_ms"]["l"]), 1)
+        rows.append(_row(
+            f"purchase on a member with {heavy['events_per_heavy_member']:,} events (1 connection)",
+            f"p50 {_fmt(heavy_p50, 'ms')}, p99 {_fmt(heavy['heavy']['latency_ms']['p99'], 'ms')}",
+            f"a member with {heavy['events_per_light_member']} events: p50 {_fmt(light_p50, 'ms')}, "
+            f"p99 {_fmt(heavy['light']['latency_ms']['p99'], 'ms')}",
+            round(ratio, 2), "≤ 1.5×", ratio <= 1.5,
+            f"cold (first command after start, no snapshot): {_fmt(cold_h, 'ms')} vs {_fmt(cold_l, 'ms')}",
+        ))
+    es = out.get("eventsourcing")
+    if es and "commands_per_s" in es.get("ours", {}) and "commands_per_s" in es.get("eventsourcing", {}):
+        ratio = es["ours"]["commands_per_s"] / es["eventsourcing"]["commands_per_s"]
+        rows.append(_row(
+            "the purchase command in-process, 64 concurrent callers",
+            _fmt(es["ours"]["commands_per_s"], "commands/s"),
+            f"`eventsourcing` aggregate, load + save: {_fmt(es['eventsourcing']['commands_per_s'], 'commands/s')} "
+            f"({es['eventsourcing']['conflicts']} version conflicts retried)",
+            round(ratio, 2), "≥ 5×", ratio >= 5,
+        ))
+    if ingest and ingest.get("rss_mb"):
+        samples = [mb for _t, mb in ingest["rss_mb"]]
+        tail = samples[len(samples) // 2:]
+        growth = tail[-1] - tail[0] if tail else 0
+        rows.append(_row(
+            "service RSS during the ingest run",
+            f"max {_fmt(max(samples), 'MB')}, {growth:+.1f} MB over the second half",
+            "—", None, "< 300 MB, flat", max(samples) < 300 and growth < 0.05 * max(samples),
+            f"{len(samples)} samples, 0.5 s apart",
+        ))
+    check = out.get("check")
+    if check:
+        rows.append(_row(
+            "answers after the run: GET /balance vs a replay of the log",
+            f"{check['members'] - check['mismatches']}/{check['members']} equal; hash chain "
+            f"{'verified' if check['chain_ok'] else 'BROKEN'} over {check['chain_checked']:,} events",
+            "fold(events) + views.balance", None, "all equal", check["mismatches"] == 0 and check["chain_ok"],
+        ))
+    return rows
+
+
+def _met(met) -> str:
+    return {True: "yes", False: "**no**", None: "—"}[met]
+
+
+def table(out: dict) -> str:
+    lines = [
+        f"Bench `{out['name']}` ({out['mode']}), {out['started_at']}, {out['machine']['cpus']} cores, "
+        f"Python {out['machine']['python']}, PostgreSQL {out['machine'].get('postgres')}, load by {out['machine']['load_generator']}",
+        "",
+        "| figure | ours | baseline, same run | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in out["figures"]:
+        ours = row["ours"] + (f" ({row['note']})" if row["note"] else "")
+        ratio = "—" if row["ratio"] is None else f"{row['ratio']:g}"
+        lines.append(f"| {row['figure']} | {ours} | {row['baseline']} | {ratio} | {row['goal']} | {_met(row['met'])} |")
+    return "\n".join(lines)
+
+
+def update_readme(out: dict, readme: Path) -> None:
+    """Rewrite only what lies between the bench markers (added under ## Performance when missing)."""
+    text = readme.read_text(encoding="utf-8")
+    block = (
+        f"{README_START}\n"
+        f"_Generated by `make bench{'-quick' if out['mode'] == 'quick' else ''}` "
+        f"(bench/run.py); do not edit by hand. Load generator: wrk (Debian package) with Lua scripts in "
+        f"bench/lua/. Chart: bench/results/bench.png; raw numbers: bench/results/{out['name']}.json._\n\n"
+        f"{table(out)}\n{README_END}"
+    )
+    if README_START in text and README_END in text:
+        text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _m: block, text, flags=re.S)
+    else:
+        if "## Performance" not in text:
+            text = text.rstrip("\n") + "\n\n## Performance\n\nHow the numbers are made, and the sums behind them: `bench/README.md`.\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+def chart(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig.suptitle(f"loyalty ledger bench `{out['name']}` ({out['mode']}), {out['started_at']}: ours vs a baseline in the same run")
+
+    ax = axes[0][0]
+    bars = []
+    if "ingest" in out:
+        bars.append(("HTTP ingest\n(req/s)", out["ingest"]["ours"]["rps"], out["ingest"]["baseline"]["rps"]))
+    if "stored" in out and "ingest" in out:
+        bars.append((f"ingest, {out['stored']['filler']['events'] / 1e6:g}M stored\n(req/s)",
+                     out["stored"]["ours"]["rps"], out["ingest"]["ours"]["rps"]))
+    es = out.get("eventsourcing", {})
+    if "commands_per_s" in es.get("ours", {}) and "commands_per_s" in es.get("eventsourcing", {}):
+        bars.append(("in-process command\n(commands/s)", es["ours"]["commands_per_s"], es["eventsourcing"]["commands_per_s"]))
+    if bars:
+        xs = range(len(bars))
+        ax.bar([x - 0.2 for x in xs], [b[1] for b in bars], 0.4, label="ours", color="#2b6cb0")
+        ax.bar([x + 0.2 for x in xs], [b[2] for b in bars], 0.4, label="baseline", color="#a0aec0")
+        ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=8)
+        ax.set_title("throughput (baselines: no-op server; empty store; eventsourcing)", fontsize=9)
+        ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    if "import" in out:
+        imp = out["import"]
+        names = ["/v1/batch", "COPY", "multi-row INSERT"]
+        values = [imp["events_per_s"], imp["raw"]["copy_events_per_s"], imp["raw"]["insert_events_per_s"]]
+        cli = imp.get("loyalty_import")
+        if cli and "events_per_s" in cli:
+            names.insert(1, "loyalty import")
+            values.insert(1, cli["events_per_s"])
+        ax.bar(names, values, color=["#2b6cb0"] + ["#a0aec0"] * (len(names) - 1))
+        ax.axhline(50_000, color="#c53030", linestyle="--", linewidth=1, label="goal 50,000 events/s")
+        ax.set_title("bulk import, events/s", fontsize=9)
+        ax.legend(fontsize=8)
+
+    ax = axes[1][0]
+    latency = []
+    if "reads" in out:
+        latency.append(("balance GET\n@1,000/s", out["reads"]["ours"]["latency_ms"], out["reads"]["baseline"]["latency_ms"]))
+    if "heavy" in out:
+        latency.append(("purchase, 5,000-event\nmember vs 5", out["heavy"]["heavy"]["latency_ms"], out["heavy"]["light"]["latency_ms"]))
+    if latency:
+        xs = range(len(latency))
+        for offset, key, shade in ((-0.3, "p50", 1.0), (-0.1, "p99", 0.6)):
+            ax.bar([x + offset for x in xs], [l[1][key] for l in latency], 0.2, label=f"ours {key}", color="#2b6cb0", alpha=shade)
+        for offset, key, shade in ((0.1, "p50", 1.0), (0.3, "p99", 0.6)):
+            ax.bar([x + offset for x in xs], [l[2][key] for l in latency], 0.2, label=f"baseline {key}", color="#718096", alpha=shade)
+        ax.axhline(5, color="#c53030", linestyle="--", linewidth=1, label="read goal p99 5 ms")
+        ax.set_xticks(list(xs), [l[0] for l in latency], fontsize=8)
+        ax.set_ylabel("ms")
+        ax.set_title("latency", fontsize=9)
+        ax.legend(fontsize=7)
+
+    ax = axes[1][1]
+    for key, label in (("ingest", "ingest, empty store"), ("stored", "ingest, stored history")):
+        samples = out.get(key, {}).get("rss_mb")
+        if samples:
+            ax.plot([t for t, _ in samples], [mb for _, mb in samples], label=label)
+    ax.axhline(300, color="#c53030", linestyle="--", linewidth=1, label="goal 300 MB")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds into the measured run")
+    ax.set_ylabel("service RSS, MB")
+    ax.set_title("service memory under load", fontsize=9)
+    ax.legend(fontsize=8)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,506 @@
+"""``make bench`` / ``make bench-quick``: every figure next to a baseline measured in the same run.
+
+    python -m bench.run [--quick] [--name NAME] [--only ingest,stored,...] [--profile]
+
+Starts its own PostgreSQL (a throwaway embedded one under a temp dir, or
+BENCH_DATABASE_URL) and its own service processes, drives them with wrk
+(Debian's package) and Lua scripts (bench/lua/), and writes
+bench/results/<name>.json, bench/results/bench.png and the table between the
+bench markers in README.md. See bench/README.md for the sums behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import psutil
+
+from bench import env, filler, report
+from bench.env import ADMIN_KEY, Database, RssSampler, noop_process, service_process, wrk
+from bench.profile import render, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONNECTIONS = 64
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BATCH_LINES_PER_REQUEST = 5000
+HEAVY_PURCHASES = 2497  # enrolment (5 events) + 2,497 purchases (2 each) + 2 tier changes = 5,001 events
+FILLER_PURCHASES = 24  # 54 events per filler member
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    quick: bool
+    members: int  # enrolled members the load picks from at random
+    duration_s: float  # each measured wrk run
+    warmup_s: float
+    stored_events: int  # history under the "stored" ingest run
+    import_lines: int  # purchases posted through /v1/batch
+    heavy_members: int  # ~5,000 events each
+    light_members: int  # 5 events each
+    paced_s: float
+    paced_rate: int
+    es_seconds: float
+    check_members: int
+    profile: bool
+
+
+def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
+    if quick:
+        return Plan(name or "quick", True, members=2000, duration_s=6, warmup_s=2, stored_events=200_000,
+                    import_lines=20_000, heavy_members=8, light_members=500, paced_s=5, paced_rate=1000,
+                    es_seconds=5, check_members=100, profile=profile)
+    return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3, stored_events=1_000_000,
+                import_lines=100_000, heavy_members=20, light_members=2000, paced_s=15, paced_rate=1000,
+                es_seconds=15, check_members=300, profile=True)
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- measuring helpers ---------------------------------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds used by the service, PostgreSQL's processes and wrk over a span."""
+
+    def __init__(self, service_pid: int, postmaster_pid: int | None) -> None:
+        self.service = psutil.Process(service_pid)
+        self.postmaster = psutil.Process(postmaster_pid) if postmaster_pid else None
+
+    def _postgres_s(self) -> float:
+        if self.postmaster is None:
+            return float("nan")
+        total = 0.0
+        for proc in [self.postmaster, *self.postmaster.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def read(self) -> tuple[float, float, float]:
+        service = self.service.cpu_times()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has exited
+        return service.user + service.system, self._postgres_s(), children.ru_utime + children.ru_stime
+
+
+def postmaster_pid(db: Database) -> int | None:
+    if db.server is None:
+        return None
+    pid_file = Path(db.tempdir) / "pgdata" / "postmaster.pid"
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def head_position(url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT position FROM event_head")
+    finally:
+        await conn.close()
+
+
+async def post_batch(session: aiohttp.ClientSession, base: str, lines: list[dict]) -> list[dict]:
+    body = b"".join(msgspec.json.encode(line) + b"\n" for line in lines)
+    async with session.post(f"{base}/v1/batch", data=body,
+                            headers={**AUTH, "Content-Type": "application/x-ndjson"}) as answer:
+        text = await answer.read()
+        assert answer.status == 200, text[:500]
+    return [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
+
+
+async def enrol(base: str, prefix: str, count: int) -> float:
+    """Enrol ``prefix``0..count-1 through /v1/batch; returns the seconds it took."""
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for first in range(0, count, BATCH_LINES_PER_REQUEST):
+            lines = [{"op": "enrol", "member_id": f"{prefix}{n}",
+                      "body": {"identities": [{"type": "card", "value": f"card-{prefix}{n}"}]}}
+                     for n in range(first, min(first + BATCH_LINES_PER_REQUEST, count))]
+            results = await post_batch(session, base, lines)
+            bad = [r for r in results if r["status"] != 201]
+            assert not bad, bad[:3]
+    return time.perf_counter() - started
+
+
+def purchase_load(port: int, prefix: str, count: int, run: str, seconds: float, connections: int = CONNECTIONS):
+    return wrk(f"http://127.0.0.1:{port}", "purchase.lua", [prefix, str(count), run, ADMIN_KEY],
+               connections=connections, duration_s=seconds)
+
+
+def py_spy() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
+    """HTTP purchase ingest vs the no-op server; RSS; CPU per command; reads at a fixed rate; the answer check."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_ingest")
+    say(f"ingest: no-op baseline, {CONNECTIONS} connections, {plan.duration_s:g} s")
+    noop = noop_process(log_dir).start()
+    try:
+        purchase_load(noop.port, "m", plan.members, "warm", plan.warmup_s)
+        baseline = purchase_load(noop.port, "m", plan.members, "base", plan.duration_s)
+        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua",
+                         ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
+                         connections=16, duration_s=plan.paced_s)
+    finally:
+        noop.stop()
+    service = service_process(url, log_dir).start()
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        say(f"ingest: enrolling {plan.members} members through /v1/batch")
+        enrol_s = await enrol(base, "m", plan.members)
+        purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
+        say(f"ingest: the service, {CONNECTIONS} connections, {plan.duration_s:g} s")
+        meter = CpuMeter(service.pid, postmaster_pid(db))
+        head_before = await head_position(url)
+        cpu_before = meter.read()
+        with RssSampler(service.pid) as rss:
+            ours = purchase_load(service.port, "m", plan.members, "run", plan.duration_s)
+        cpu_after = meter.read()
+        head_after = await head_position(url)
+        commands = ours.requests
+        cpu = [after - before for before, after in zip(cpu_before, cpu_after)]
+        out["ingest"] = {
+            "baseline": baseline.as_dict(),
+            "ours": ours.as_dict(),
+            "events": head_after - head_before,
+            "events_per_s": round((head_after - head_before) / ours.duration_s, 1),
+            "enrol_members_per_s": round(plan.members / enrol_s, 1),
+            "cpu_us_per_command": {
+                "service": round(1e6 * cpu[0] / commands, 1),
+                "postgres": round(1e6 * cpu[1] / commands, 1) if cpu[1] == cpu[1] else None,
+                "wrk": round(1e6 * cpu[2] / commands, 1),
+            },
+            "rss_mb": rss.samples,
+        }
+        out["row_sizes"] = await row_sizes(url)
+        if plan.profile and py_spy():
+            say("ingest: profiling the service under the same load (py-spy)")
+            out["profile"] = profile_service(service, plan)
+        say(f"reads: balance at {plan.paced_rate} req/s for {plan.paced_s:g} s")
+        paced = wrk(base, "balance_paced.lua", ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
+                    connections=16, duration_s=plan.paced_s)
+        out["reads"] = {"baseline": paced_base.as_dict(), "ours": paced.as_dict()}
+        say(f"check: {plan.check_members} balances against a replay of the log; the hash chain")
+        out["check"] = await check_answers(url, base, [f"m{n}" for n in random.sample(range(plan.members), plan.check_members)])
+    finally:
+        service.stop()
+
+
+def profile_service(service: env.Process, plan: Plan) -> dict:
+    raw = RESULTS / f"profile-{plan.name}.raw"
+    seconds = max(5.0, plan.duration_s / 2)
+    spy = subprocess.Popen([py_spy(), "record", "--pid", str(service.pid), "--duration", f"{seconds:g}",
+                            "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        load = purchase_load(service.port, "m", plan.members, "prof", seconds + 1)
+    finally:
+        spy.wait(timeout=seconds + 60)
+    if not raw.exists():
+        return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+    summary = summarize(raw.read_text(), 30)
+    (RESULTS / f"profile-{plan.name}.txt").write_text(render(summary, 30) + "\n")
+    raw.unlink()
+    return {"rps_while_profiled": load.rps, "samples": summary["samples"], "self": summary["self"][:15],
+            "total": summary["total"][:25]}
+
+
+async def row_sizes(url: str) -> dict:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS events, avg(pg_column_size(e.*))::int AS tuple_bytes,
+                      avg(pg_column_size(e.data))::int AS data_bytes,
+                      pg_total_relation_size('events') AS events_total_bytes,
+                      pg_total_relation_size('command_results') AS results_total_bytes,
+                      (SELECT count(*) FROM command_results) AS results
+               FROM events e"""
+        )
+        return {
+            "events": row["events"],
+            "tuple_bytes_per_event": row["tuple_bytes"],
+            "data_bytes_per_event": row["data_bytes"],
+            "events_bytes_per_event_with_indexes": round(row["events_total_bytes"] / max(row["events"], 1)),
+            "command_results_bytes_per_command": round(row["results_total_bytes"] / max(row["results"], 1)),
+        }
+    finally:
+        await conn.close()
+
+
+async def check_answers(url: str, base: str, members: list[str]) -> dict:
+    """GET /balance for each member equals a fold of its events read straight from the table."""
+    from ledger.application import fact_of
+    from ledger.database import create_pool
+    from ledger.state import fold
+    from ledger.store import EventStore
+    from ledger.views import balance
+
+    at = datetime.now(timezone.utc).replace(microsecond=0)
+    pool = await create_pool(url)
+    store = EventStore(pool)
+    mismatches = []
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            for member in members:
+                envelopes, after = [], 0
+                while True:
+                    page = await store.read_stream(member, after_version=after)
+                    envelopes += page
+                    if len(page) < 10_000:
+                        break
+                    after = page[-1].stream_version
+                replayed = msgspec.to_builtins(balance(fold(fact_of(e) for e in envelopes), at))
+                async with session.get(f"{base}/v1/members/{member}/balance",
+                                       params={"as_of": at.isoformat().replace("+00:00", "Z")}) as answer:
+                    served = await answer.json()
+                if served != replayed:
+                    mismatches.append({"member": member, "served": served, "replayed": replayed})
+        verify = await store.verify()
+    finally:
+        await pool.close()
+    return {"members": len(members), "mismatches": len(mismatches), "first_mismatch": mismatches[:1],
+            "chain_ok": verify.ok, "chain_checked": verify.checked}
+
+
+async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
+    """The same ingest with ``stored_events`` already in the log (the empty-store run is the baseline)."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_stored")
+    from ledger.programme import Programme
+
+    members = plan.stored_events // 54
+    say(f"stored: writing {members * 54:,} events of history by COPY (real events, hash-chained)")
+    fill = await filler.append_members(url, "f", members, FILLER_PURCHASES, Programme())
+    service = service_process(url, log_dir).start()
+    try:
+        await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
+        purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
+        say(f"stored: the service over {fill['events']:,} stored events, {plan.duration_s:g} s")
+        with RssSampler(service.pid) as rss:
+            ours = purchase_load(service.port, "m", plan.members, "run", plan.duration_s)
+        out["stored"] = {"filler": fill, "ours": ours.as_dict(), "rss_mb": rss.samples}
+    finally:
+        service.stop()
+
+
+async def scenario_heavy(plan: Plan, db: Database, out: dict) -> None:
+    """Purchases on members with ~5,000 events vs members with 5, one connection, warm and cold."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_heavy")
+    from ledger.programme import Programme
+
+    say(f"heavy: {plan.heavy_members} members of ~5,000 events and {plan.light_members} of 5, by COPY")
+    heavy = await filler.append_members(url, "h", plan.heavy_members, HEAVY_PURCHASES, Programme())
+    light = await filler.append_members(url, "l", plan.light_members, 0, Programme())
+    service = service_process(url, log_dir).start()
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        cold = {"h": [], "l": []}
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            # Cold: the first command after a start folds the stream (no snapshot yet) and writes one.
+            for n in range(min(5, plan.heavy_members)):
+                for prefix in ("h", "l"):
+                    started = time.perf_counter()
+                    async with session.post(f"{base}/v1/members/{prefix}{n}/purchases",
+                                            json={"purchase_id": f"cold-{n}", "store_id": "s1", "amount_cents": 5000}) as answer:
+                        assert answer.status == 201, await answer.text()
+                    cold[prefix].append(round(1000 * (time.perf_counter() - started), 2))
+            for prefix, count in (("h", plan.heavy_members), ("l", plan.light_members)):
+                for n in range(count):  # warm every member's cached state
+                    async with session.get(f"{base}/v1/members/{prefix}{n}/balance") as answer:
+                        assert answer.status == 200
+        seconds = max(3.0, plan.duration_s / 2)
+        say(f"heavy: one connection, {seconds:g} s each on the light and the heavy members")
+        runs = {}
+        for prefix, count in (("l", plan.light_members), ("h", plan.heavy_members), ("l2", plan.light_members)):
+            runs[prefix] = purchase_load(service.port, prefix[0], count, f"seq{prefix}", seconds, connections=1).as_dict()
+        out["heavy"] = {"events_per_heavy_member": heavy["events_per_member"],
+                        "events_per_light_member": light["events_per_member"],
+                        "cold_first_purchase_ms": cold, "light": runs["l"], "heavy": runs["h"], "light_again": runs["l2"]}
+    finally:
+        service.stop()
+
+
+async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
+    """/v1/batch purchases vs COPY and multi-row INSERT of the very rows it appended."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_import")
+    service = service_process(url, log_dir).start()
+    members = max(1000, plan.import_lines // 10)
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        say(f"import: enrolling {members} members, then {plan.import_lines:,} purchases through /v1/batch")
+        enrol_s = await enrol(base, "m", members)
+        rng = random.Random(7)
+        lines = [{"op": "purchase", "member_id": f"m{rng.randrange(members)}",
+                  "body": {"purchase_id": f"imp-{n}", "store_id": f"s{n % 50}", "amount_cents": rng.randint(100, 200_000)}}
+                 for n in range(plan.import_lines)]
+        chunks = [lines[i:i + BATCH_LINES_PER_REQUEST] for i in range(0, len(lines), BATCH_LINES_PER_REQUEST)]
+        head_before = await head_position(url)
+        started = time.perf_counter()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+            queue = list(chunks)
+
+            async def sender() -> None:
+                while queue:
+                    results = await post_batch(session, base, queue.pop())
+                    bad = [r for r in results if r["status"] != 201]
+                    assert not bad, bad[:3]
+
+            await asyncio.gather(sender(), sender())  # two requests in flight
+        seconds = time.perf_counter() - started
+        head_after = await head_position(url)
+    finally:
+        service.stop()
+    say("import: COPY and multi-row INSERT of the same rows into an equivalent table")
+    raw = await filler.copy_baseline(url, head_before)
+    events = head_after - head_before
+    out["import"] = {
+        "lines": plan.import_lines, "events": events, "seconds": round(seconds, 2),
+        "events_per_s": round(events / seconds, 1), "commands_per_s": round(plan.import_lines / seconds, 1),
+        "enrol_events_per_s": round(head_before / enrol_s, 1), "raw": raw,
+        "loyalty_import": await loyalty_import(plan, db) if has_command("import") else None,
+    }
+
+
+def has_command(name: str) -> bool:
+    probe = subprocess.run([sys.executable, "-m", "service", name, "--help"], cwd=env.ROOT,
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+async def loyalty_import(plan: Plan, db: Database) -> dict:
+    """``loyalty import FILE`` (when it exists) on the same kind of lines, into a fresh database."""
+    url = await db.fresh("bench_import_cli")
+    members = max(1000, plan.import_lines // 10)
+    rng = random.Random(11)
+    path = RESULTS / "logs" / "import.ndjson"
+    with open(path, "wb") as file:
+        for n in range(members):
+            file.write(msgspec.json.encode({"op": "enrol", "member_id": f"m{n}", "body": {"identities": []}}) + b"\n")
+        for n in range(plan.import_lines):
+            file.write(msgspec.json.encode({"op": "purchase", "member_id": f"m{rng.randrange(members)}", "body": {
+                "purchase_id": f"imp-{n}", "store_id": "s1", "amount_cents": rng.randint(100, 200_000)}}) + b"\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "service", "import", str(path)], cwd=env.ROOT,
+                          env={**os.environ, "DATABASE_URL": url, "LOYALTY_LOG_LEVEL": "WARNING"},
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout)[-800:]}
+    events = await head_position(url)
+    return {"lines": members + plan.import_lines, "events": events, "seconds": round(seconds, 2),
+            "events_per_s": round(events / seconds, 1)}
+
+
+async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
+    results = {}
+    for which in ("eventsourcing", "ours"):
+        url = await db.fresh(f"bench_es_{which}", schema=which == "ours")
+        say(f"eventsourcing comparison: {which}, in-process, {CONNECTIONS} concurrent callers, {plan.es_seconds:g} s")
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.compare_es", which, url, str(plan.es_seconds), str(CONNECTIONS), "1000"],
+            cwd=env.ROOT, capture_output=True, text=True, timeout=plan.es_seconds + 300,
+        )
+        line = [l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+        results[which] = json.loads(line[0][len("BENCH_JSON "):]) if line else {"error": done.stderr[-800:]}
+    out["eventsourcing"] = results
+
+
+def scenario_projections(plan: Plan, db: Database, out: dict) -> None:
+    out["projections"] = {"measurable": has_command("project")}
+
+
+SCENARIOS = {
+    "ingest": scenario_ingest,
+    "stored": scenario_stored,
+    "heavy": scenario_heavy,
+    "import": scenario_import,
+    "eventsourcing": scenario_eventsourcing,
+}
+
+
+async def run(plan: Plan, only: list[str]) -> dict:
+    env.require_wrk()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "logs").mkdir(exist_ok=True)
+    started = time.monotonic()
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    out: dict = {
+        "name": plan.name,
+        "mode": "quick" if plan.quick else "full",
+        "plan": plan.__dict__,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_generator": wrk_version.strip()},
+    }
+    db = Database()
+    say(f"database: {db.kind}")
+    try:
+        for name, scenario in SCENARIOS.items():
+            if not only or name in only:
+                await scenario(plan, db, out)
+        scenario_projections(plan, db, out)
+        out["machine"]["postgres"] = getattr(db, "server_version", None)
+        await db.drop_all()
+    finally:
+        db.close()
+    out["seconds"] = round(time.monotonic() - started, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller and shorter (under 2 minutes)")
+    parser.add_argument("--name", help="results file name (default: quick or full)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--profile", action="store_true", help="py-spy the service in quick mode too")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    args = parser.parse_args(argv)
+    plan = plan_for(args.quick, args.name, args.profile)
+    only = [s for s in args.only.split(",") if s]
+    out = asyncio.run(run(plan, only))
+    out["figures"] = report.figures(out)
+    (RESULTS / f"{plan.name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(report.table(out))
+    report.chart(out, RESULTS / "bench.png")
+    if not args.no_readme and not only:
+        report.update_readme(out, env.ROOT / "README.md")
+    say(f"done in {out['seconds']:g} s: {RESULTS / (plan.name + '.json')}, {RESULTS / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
