@@ -247,9 +247,13 @@ class EventStore:
         keys = [key for append in appends for key in append.result_keys]
         if not keys:
             return set()
+        # A scalar subquery per key, not IN/EXISTS: the planner cannot turn it
+        # into a hash join over the whole (large) table; each key is one
+        # primary-key lookup.
         rows = await conn.fetch(
-            """SELECT stream_id, command_key FROM command_results
-               WHERE (stream_id, command_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            """SELECT k.stream_id, k.command_key FROM unnest($1::text[], $2::text[]) AS k(stream_id, command_key)
+               WHERE (SELECT true FROM command_results r
+                      WHERE r.stream_id = k.stream_id AND r.command_key = k.command_key)""",
             [key.stream_id for key in keys],
             [key.command_key for key in keys],
         )
