@@ -765,6 +765,11 @@ READS = [
     ("/v1/identities/{type}/{value}", "Find a member by identity", CHECKOUT | READER, []),
     ("/v1/events", "The global feed", AUDITOR, ["after", "limit", "type", "wait_ms"]),
     ("/v1/audit/verify", "Verify the hash chain", AUDITOR, []),
+    # Served by projections (projections/http.py): min_position waits for read-your-writes.
+    ("/v1/members/{member_id}/ledger", "The member's points trail", READER, ["after", "limit", "min_position"]),
+    ("/v1/programme/liability", "Points liability as of a time, by month", READER, ["as_of", "min_position"]),
+    ("/v1/segments/{lifecycle}", "Members in a lifecycle, by member id", READER, ["after", "limit", "min_position"]),
+    ("/v1/projections", "Projection positions, lag and state", READER, []),
 ]
 _QUERY_SCHEMAS = {
     "as_of": {"type": "string", "format": "date-time"},
@@ -773,6 +778,7 @@ _QUERY_SCHEMAS = {
     "limit": {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX},
     "type": {"type": "string"},
     "wait_ms": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_MS},
+    "min_position": {"type": "integer", "minimum": 0},
 }
 _PROBLEM = {"description": "A refusal", "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
 
@@ -886,6 +892,9 @@ def create_app(pool, programme: Programme, clock: Clock = system_clock, settings
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
+    from projections.http import install as install_projections  # it imports this module
+
+    install_projections(app)
     app.on_startup.append(_seed_admin_key)
     app.on_startup.append(_start_group_commit)
     app.on_cleanup.append(_stop_group_commit)
@@ -935,6 +944,9 @@ async def serve(host: str, port: int) -> None:
     site = web.TCPSite(runner, host, port)
     await site.start()
     await app[LEDGER].store.start_listening(lambda: asyncpg.connect(url))
+    from projections.http import start_projectors
+
+    projectors = await start_projectors(app, lambda: asyncpg.connect(url))
     log.info("loyalty ledger serving on http://%s:%d (programme version %d)", host, port, programme.version)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -948,6 +960,7 @@ async def serve(host: str, port: int) -> None:
     if scheduler is not None:
         scheduler.cancel()
     await runner.cleanup()
+    await projectors.stop()
     await app[LEDGER].store.stop_listening()
     await pool.close()
     log.info("stopped")
@@ -1004,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True)
     commands.add_parser("verify", help="verify the hash chain of the whole log")
+    from projections import cli as projection_cli
+
+    projection_cli.add_commands(commands)
     return parser
 
 
@@ -1020,6 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "verify":
         return asyncio.run(verify_cli())
+    from projections import cli as projection_cli
+
+    if args.command in projection_cli.COMMANDS:
+        return projection_cli.run(args)
     return 2
 
 

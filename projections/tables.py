@@ -1,0 +1,117 @@
+"""What every read model shares: where it writes, and batch-sized row handling.
+
+A projection writes either its live tables or a rebuild's shadow tables
+(``<table>__shadow``); ``Target`` names them. A batch of events touches a
+bounded set of rows, so ``Rows`` loads them in one query, lets the
+projection change them in memory in log order, and writes the changed ones
+back in one statement: two round trips per table per batch, whatever the
+batch's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import asyncpg
+
+from ledger.programme import Programme
+
+SHADOW_SUFFIX = "__shadow"
+
+Row = dict[str, Any]
+Key = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The tables a projection writes (live, or a rebuild's shadows) and the rules it needs."""
+
+    suffix: str = ""
+    programme: Programme = field(default_factory=Programme)
+
+    def table(self, name: str) -> str:
+        return name + self.suffix
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.suffix == SHADOW_SUFFIX
+
+
+def live(programme: Programme) -> Target:
+    return Target("", programme)
+
+
+def shadow(programme: Programme) -> Target:
+    return Target(SHADOW_SUFFIX, programme)
+
+
+class Rows:
+    """The rows of one table that a batch touches, keyed by their primary key (text columns)."""
+
+    def __init__(self, table: str, key: Sequence[str], columns: Sequence[str]) -> None:
+        self.table = table
+        self.key = tuple(key)
+        self.columns = tuple(columns)
+        self._rows: dict[Key, Row] = {}
+        self._dirty: set[Key] = set()
+
+    async def load(self, conn: asyncpg.Connection, keys: Iterable[Key]) -> None:
+        """Read the rows with these keys (those not already in memory) in one query."""
+        wanted = sorted({k for k in keys if k not in self._rows})
+        if not wanted:
+            return
+        arrays = [list(column) for column in zip(*wanted)]
+        unnest = ", ".join(f"${n}::text[]" for n in range(1, len(self.key) + 1))
+        key_list = ", ".join(self.key)
+        rows = await conn.fetch(
+            f"SELECT {', '.join(self.columns)} FROM {self.table}"
+            f" WHERE ({key_list}) IN (SELECT * FROM unnest({unnest}))",
+            *arrays,
+        )
+        for row in rows:
+            record = dict(row)
+            self._rows[self.key_of(record)] = record
+
+    def key_of(self, row: Row) -> Key:
+        return tuple(row[column] for column in self.key)
+
+    def get(self, *key: str) -> Row | None:
+        return self._rows.get(key)
+
+    def put(self, row: Row) -> Row:
+        """Add or replace a row; it is written back by ``save``."""
+        assert set(row) == set(self.columns), (self.table, sorted(set(row) ^ set(self.columns)))
+        key = self.key_of(row)
+        self._rows[key] = row
+        self._dirty.add(key)
+        return row
+
+    def touch(self, row: Row) -> Row:
+        """Mark a row changed in place."""
+        self._dirty.add(self.key_of(row))
+        return row
+
+    async def save(self, conn: asyncpg.Connection) -> None:
+        """Upsert every changed row in one statement."""
+        if not self._dirty:
+            return
+        placeholders = ", ".join(f"${n}" for n in range(1, len(self.columns) + 1))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in self.columns if c not in self.key)
+        await conn.executemany(
+            f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({placeholders})"
+            f" ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {updates}",
+            [tuple(self._rows[key][c] for c in self.columns) for key in sorted(self._dirty)],
+        )
+        self._dirty.clear()
+
+
+async def insert_rows(conn: asyncpg.Connection, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """Append rows (tables that only ever grow: ledger lines, tier history)."""
+    if not rows:
+        return
+    placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    await conn.executemany(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
+        [tuple(row[c] for c in columns) for row in rows],
+    )

@@ -1,0 +1,199 @@
+"""Export the log as JSON lines or CSV, and import an export into another database.
+
+Export streams the feed in position order, one bounded batch at a time, so
+memory stays constant however long the log. A JSON line is the full
+envelope (CONTRACT §3), hash included.
+
+Import is resumable and idempotent: positions the database already holds
+are skipped (the file's line at the database's head must carry the head's
+hash, else the file is another history and is refused), every line's hash
+is recomputed from the previous one as it goes (a changed, missing or
+reordered line stops the import before it is written), and lines are
+inserted in batches, each in one transaction with ``event_head`` and the
+identities the events link. An interrupted import is resumed by running it
+again. Stored command answers (idempotency) are not part of the log and are
+not carried over; natural ids still refuse duplicates after an import.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterable
+
+import msgspec
+
+from events.codec import GENESIS_HASH, encode_json
+from events.envelope import Envelope
+from ledger.store import NOTIFY_CHANNEL, EventStore, envelope_hash
+
+EXPORT_BATCH_EVENTS = 5000
+IMPORT_BATCH_EVENTS = 2000
+CSV_COLUMNS = (
+    "position", "stream_id", "stream_version", "type", "schema_version", "occurred_at", "recorded_at",
+    "command_id", "actor", "programme_version", "data", "hash",
+)
+
+_decoder = msgspec.json.Decoder(Envelope)
+
+_INSERT_EVENTS = """
+INSERT INTO events (position, stream_id, stream_version, type, schema_version, occurred_at,
+                    recorded_at, command_id, actor, programme_version, data, hash)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[], $6::timestamptz[],
+                     $7::timestamptz[], $8::text[], $9::text[], $10::int[], $11::jsonb[], $12::text[])
+"""
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+async def export(pool, out: IO[str], fmt: str = "jsonl", after: int = 0,
+                 progress: Callable[[int], Any] | None = None) -> int:
+    """Write every event after position ``after`` to ``out``; returns how many."""
+    write = _jsonl_writer(out) if fmt == "jsonl" else _csv_writer(out)
+    written = 0
+    async for envelopes in EventStore(pool).iter_all(after, EXPORT_BATCH_EVENTS):
+        for envelope in envelopes:
+            write(envelope)
+        written += len(envelopes)
+        if progress is not None:
+            progress(len(envelopes))
+    out.flush()
+    return written
+
+
+def _jsonl_writer(out: IO[str]) -> Callable[[Envelope], None]:
+    return lambda envelope: out.write(encode_json(envelope).decode() + "\n")
+
+
+def _csv_writer(out: IO[str]) -> Callable[[Envelope], None]:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+
+    def write(envelope: Envelope) -> None:
+        row = msgspec.to_builtins(envelope)
+        row["data"] = encode_json(envelope.data).decode()
+        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+
+    return write
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+
+class ImportRefused(Exception):
+    """The file cannot be imported here; nothing after the last committed batch was written."""
+
+
+@dataclass
+class ImportReport:
+    read: int = 0
+    skipped: int = 0  # already in the database
+    inserted: int = 0
+    head_position: int = 0
+    head_hash: str = GENESIS_HASH
+
+
+class _Importer:
+    def __init__(self, pool, batch_events: int) -> None:
+        self.pool = pool
+        self.batch_events = batch_events
+        self.report = ImportReport()
+        self.previous_hash: str | None = None  # of the file's previous line
+        self.expected_position = 0
+        self.pending: list[Envelope] = []
+
+    async def start(self) -> None:
+        self.report.head_position, self.report.head_hash = await EventStore(self.pool).head()
+
+    async def line(self, number: int, text: bytes) -> None:
+        try:
+            envelope = _decoder.decode(text)
+        except msgspec.DecodeError as error:
+            raise ImportRefused(f"line {number}: not an exported envelope: {error}") from None
+        self.report.read += 1
+        await self._check_chain(number, envelope)
+        head = self.report.head_position + len(self.pending)
+        if envelope.position <= self.report.head_position:
+            if envelope.position == self.report.head_position and envelope.hash != self.report.head_hash:
+                raise ImportRefused(f"line {number}: position {envelope.position} differs from this database's;"
+                                    " the file is another history")
+            self.report.skipped += 1
+            return
+        if envelope.position != head + 1:
+            raise ImportRefused(f"line {number}: position {envelope.position} does not follow {head}")
+        self.pending.append(envelope)
+        if len(self.pending) >= self.batch_events:
+            await self.flush()
+
+    async def _check_chain(self, number: int, envelope: Envelope) -> None:
+        if self.previous_hash is None:
+            self.previous_hash = await self._hash_before(number, envelope.position)
+        elif envelope.position != self.expected_position:
+            raise ImportRefused(f"line {number}: position {envelope.position} where {self.expected_position} was due")
+        if envelope_hash(envelope, self.previous_hash) != envelope.hash:
+            raise ImportRefused(f"line {number}: the hash of position {envelope.position} does not match its"
+                                " content and the previous hash; the file was changed")
+        self.previous_hash = envelope.hash
+        self.expected_position = envelope.position + 1
+
+    async def _hash_before(self, number: int, position: int) -> str:
+        """The hash the file's first line chains from: genesis, or this database's event before it."""
+        if position == 1:
+            return GENESIS_HASH
+        if position - 1 > self.report.head_position:
+            raise ImportRefused(f"line {number}: the file starts at position {position}, but this database ends at"
+                                f" {self.report.head_position}; import the earlier part first")
+        found = await self.pool.fetchval("SELECT hash FROM events WHERE position = $1", position - 1)
+        return found.strip()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        rows, last = self.pending, self.pending[-1]
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
+            if (head["position"], head["hash"].strip()) != (self.report.head_position, self.report.head_hash):
+                raise ImportRefused(f"the database's head moved to {head['position']} during the import; run it again")
+            await conn.execute(_INSERT_EVENTS, *_columns(rows))
+            await conn.executemany(
+                """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (identity_type, value) DO NOTHING""",
+                [(e.data["identity_type"], e.data["value"], e.stream_id) for e in rows if e.type == "identity_linked"],
+            )
+            await conn.execute("UPDATE event_head SET position = $1, hash = $2", last.position, last.hash)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last.position))
+        self.report.inserted += len(rows)
+        self.report.head_position, self.report.head_hash = last.position, last.hash
+        self.pending = []
+
+
+def _columns(rows: list[Envelope]) -> list[list[Any]]:
+    return [
+        [r.position for r in rows],
+        [r.stream_id for r in rows],
+        [r.stream_version for r in rows],
+        [r.type for r in rows],
+        [r.schema_version for r in rows],
+        [r.occurred_at for r in rows],
+        [r.recorded_at for r in rows],
+        [r.command_id for r in rows],
+        [r.actor for r in rows],
+        [r.programme_version for r in rows],
+        [encode_json(r.data).decode() for r in rows],
+        [r.hash for r in rows],
+    ]
+
+
+async def import_lines(pool, lines: Iterable[bytes], batch_events: int = IMPORT_BATCH_EVENTS,
+                       progress: Callable[[int], Any] | None = None) -> ImportReport:
+    """Import exported JSON lines (an open binary file, say); ``progress`` gets each line's byte count."""
+    importer = _Importer(pool, batch_events)
+    await importer.start()
+    for number, text in enumerate(lines, start=1):
+        if text.strip():
+            await importer.line(number, text)
+        if progress is not None:
+            progress(len(text))
+    await importer.flush()
+    return importer.report
