@@ -1044,4 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m service`: run the module as `service`, not as `__main__`, or
+    # projections/http.py (which imports `service`) would see other AppKeys.
+    import service
+
+    sys.exit(service.main())
