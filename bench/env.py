@@ -31,6 +31,9 @@ from ledger.database import apply_schema, database_url_for, quote_ident, start_e
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "lua"
 ADMIN_KEY = "bench-admin-key-0123456789"
+# `loyalty ...` as the console script runs it: importing `service` (under
+# `python -m service` it would be `__main__`, a second copy of the module).
+LOYALTY = [sys.executable, "-c", "import sys, service; sys.exit(service.main(sys.argv[1:]))"]
 READY_TIMEOUT_S = 60.0
 WRK_INSTALL_HINT = (
     "wrk (the load generator) is missing. Install it from Debian's packages:\n"
@@ -118,9 +121,11 @@ class Process:
     log_path: Path
     proc: subprocess.Popen | None = None
 
-    def start(self, ready_path: str = "/healthz") -> "Process":
+    def start(self, ready_path: str | None = "/healthz") -> "Process":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if ready_path is None:  # no HTTP to ask: a worker
+            return self
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -163,7 +168,13 @@ def service_process(database_url: str, log_dir: Path, extra_env: dict[str, str] 
         "LOYALTY_LOG_LEVEL": "WARNING",
         **(extra_env or {}),
     }
-    return Process([sys.executable, "-m", "service", "serve"], env, port, log_dir / f"service-{port}.log")
+    return Process([*LOYALTY, "serve"], env, port, log_dir / f"service-{port}.log")
+
+
+def projector_process(database_url: str, log_dir: Path) -> Process:
+    """``loyalty project``: the projectors in a process of their own."""
+    env = {**os.environ, "DATABASE_URL": database_url, "LOYALTY_LOG_LEVEL": "WARNING"}
+    return Process([*LOYALTY, "project"], env, 0, log_dir / f"projector-{time.time_ns()}.log")
 
 
 def noop_process(log_dir: Path) -> Process:

@@ -62,9 +62,9 @@ class Plan:
 
 def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
     if quick:
-        return Plan(name or "quick", True, members=2000, duration_s=6, warmup_s=2, stored_events=200_000,
-                    import_lines=20_000, heavy_members=8, light_members=500, paced_s=5, paced_rate=1000,
-                    es_seconds=5, check_members=100, profile=profile)
+        return Plan(name or "quick", True, members=2000, duration_s=5, warmup_s=1, stored_events=100_000,
+                    import_lines=10_000, heavy_members=8, light_members=500, paced_s=4, paced_rate=1000,
+                    es_seconds=4, check_members=100, profile=profile)
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3, stored_events=1_000_000,
                 import_lines=100_000, heavy_members=20, light_members=2000, paced_s=15, paced_rate=1000,
                 es_seconds=15, check_members=300, profile=True)
@@ -209,10 +209,78 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
         paced = wrk(base, "balance_paced.lua", ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
                     connections=16, duration_s=plan.paced_s)
         out["reads"] = {"baseline": paced_base.as_dict(), "ours": paced.as_dict()}
+        rate = max(50, int(ours.rps / 2))
+        say(f"projections: lag while purchases arrive at {rate} req/s (half the ingest above), {plan.paced_s:g} s")
+        out["lag"] = await projection_lag(url, service.port, plan, rate)
         say(f"check: {plan.check_members} balances against a replay of the log; the hash chain")
         out["check"] = await check_answers(url, base, [f"m{n}" for n in random.sample(range(plan.members), plan.check_members)])
     finally:
         service.stop()
+    # The write path alone: the same service with its projectors off (nothing else projects).
+    service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
+    try:
+        purchase_load(service.port, "m", plan.members, "warm2", plan.warmup_s)
+        say(f"ingest: the service with LOYALTY_PROJECTORS=off (the write path alone), {plan.duration_s:g} s")
+        out["ingest_no_projectors"] = {"ours": purchase_load(service.port, "m", plan.members, "run2", plan.duration_s).as_dict()}
+    finally:
+        service.stop()
+
+
+async def live_checkpoint(conn) -> int | None:
+    """The lowest checkpoint of the live projections (None until all have one)."""
+    from projections.runtime import PROJECTIONS
+
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, min(position) AS low FROM projection_checkpoints WHERE name = ANY($1::text[])",
+        list(PROJECTIONS),
+    )
+    return row["low"] if row["n"] == len(PROJECTIONS) else None
+
+
+async def projection_lag(url: str, port: int, plan: Plan, rate: int) -> dict:
+    """Seconds from an event's append to every live projection having applied it, sampled at 20 Hz.
+
+    For each sample of the log's head (t, h), the lag is the time of the first
+    later sample whose lowest projection checkpoint is at or past h, minus t.
+    """
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    heads: list[tuple[float, int]] = []
+    checkpoints: list[tuple[float, int]] = []
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            heads.append((t, await conn.fetchval("SELECT position FROM event_head")))
+            low = await live_checkpoint(conn)
+            if low is not None:
+                checkpoints.append((time.monotonic(), low))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        load = await asyncio.to_thread(
+            wrk, f"http://127.0.0.1:{port}", "purchase_paced.lua",
+            ["m", str(plan.members), "lag", ADMIN_KEY, str(rate), "1"], connections=16, duration_s=plan.paced_s)
+        final_head = heads[-1][1]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not checkpoints or checkpoints[-1][1] < final_head):
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await sampler
+        await conn.close()
+    lags_ms = []
+    for t, h in heads:
+        reached = next((tc for tc, low in checkpoints if tc >= t and low >= h), None)
+        if reached is not None:
+            lags_ms.append(1000 * (reached - t))
+    lags_ms.sort()
+    pick = lambda q: round(lags_ms[min(len(lags_ms) - 1, int(q * len(lags_ms)))], 1) if lags_ms else None
+    return {"rate": rate, "load": load.as_dict(), "samples": len(lags_ms), "unresolved": len(heads) - len(lags_ms),
+            "lag_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": lags_ms[-1] if lags_ms else None}}
 
 
 def profile_service(service: env.Process, plan: Plan) -> dict:
@@ -280,7 +348,8 @@ async def check_answers(url: str, base: str, members: list[str]) -> dict:
                     if len(page) < 10_000:
                         break
                     after = page[-1].stream_version
-                replayed = msgspec.to_builtins(balance(fold(fact_of(e) for e in envelopes), at))
+                # CONTRACT §2: balance as of T folds the events with occurred_at <= T, in log order.
+                replayed = msgspec.to_builtins(balance(fold(fact_of(e) for e in envelopes if e.occurred_at <= at), at))
                 async with session.get(f"{base}/v1/members/{member}/balance",
                                        params={"as_of": at.isoformat().replace("+00:00", "Z")}) as answer:
                     served = await answer.json()
@@ -302,6 +371,7 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
     members = plan.stored_events // 54
     say(f"stored: writing {members * 54:,} events of history by COPY (real events, hash-chained)")
     fill = await filler.append_members(url, "f", members, FILLER_PURCHASES, Programme())
+    out["catch_up"] = await projection_catch_up(url, log_dir, fill["events"])
     service = service_process(url, log_dir).start()
     try:
         await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
@@ -312,6 +382,69 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
         out["stored"] = {"filler": fill, "ours": ours.as_dict(), "rss_mb": rss.samples}
     finally:
         service.stop()
+
+
+async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
+    """`loyalty project` from nothing to the head; a raw sequential read of the same events; a rebuild."""
+    import asyncpg
+
+    head = await head_position(url)
+    say(f"projections: catch-up over {events:,} events with `loyalty project` (a process of its own)")
+    worker = env.projector_process(url, log_dir)
+    conn = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        first_progress = None
+        worker.start(None)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            low = await live_checkpoint(conn)
+            if low and first_progress is None:
+                first_progress = time.perf_counter()
+            if low is not None and low >= head:
+                break
+            await asyncio.sleep(0.1)
+        finished = time.perf_counter()
+        caught_up = (await live_checkpoint(conn) or 0) >= head
+    finally:
+        worker.stop()
+        await conn.close()
+    seconds = finished - started
+    result = {"events": head, "caught_up": caught_up, "seconds": round(seconds, 2),
+              "events_per_s": round(head / seconds, 1),
+              "seconds_from_first_batch": round(finished - first_progress, 2) if first_progress else None}
+    say("projections: the raw sequential read of the same events (pages of 1,000, as the projector reads)")
+    result["raw_read"] = await raw_read(url)
+    say("projections: `loyalty rebuild members` over the same events")
+    started = time.perf_counter()
+    done = subprocess.run([*env.LOYALTY, "rebuild", "members"], cwd=env.ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": url, "LOYALTY_LOG_LEVEL": "WARNING"}, timeout=1800)
+    seconds = time.perf_counter() - started
+    result["rebuild_members"] = ({"seconds": round(seconds, 2), "events_per_s": round(head / seconds, 1)}
+                                 if done.returncode == 0 else {"error": (done.stderr or done.stdout)[-500:]})
+    return result
+
+
+async def raw_read(url: str) -> dict:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        after, count = 0, 0
+        while True:
+            rows = await conn.fetch(
+                """SELECT position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,
+                          command_id, actor, programme_version, data::text AS data, hash
+                   FROM events WHERE position > $1 ORDER BY position LIMIT 1000""", after)
+            if not rows:
+                break
+            count += len(rows)
+            after = rows[-1]["position"]
+        seconds = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {"events": count, "seconds": round(seconds, 2), "events_per_s": round(count / seconds, 1)}
 
 
 async def scenario_heavy(plan: Plan, db: Database, out: dict) -> None:
@@ -390,39 +523,37 @@ async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
         "lines": plan.import_lines, "events": events, "seconds": round(seconds, 2),
         "events_per_s": round(events / seconds, 1), "commands_per_s": round(plan.import_lines / seconds, 1),
         "enrol_events_per_s": round(head_before / enrol_s, 1), "raw": raw,
-        "loyalty_import": await loyalty_import(plan, db) if has_command("import") else None,
+        "loyalty_import": await loyalty_import(url, db) if has_command("import") else None,
     }
 
 
 def has_command(name: str) -> bool:
-    probe = subprocess.run([sys.executable, "-m", "service", name, "--help"], cwd=env.ROOT,
+    probe = subprocess.run([*env.LOYALTY, name, "--help"], cwd=env.ROOT,
                            capture_output=True, text=True)
     return probe.returncode == 0
 
 
-async def loyalty_import(plan: Plan, db: Database) -> dict:
-    """``loyalty import FILE`` (when it exists) on the same kind of lines, into a fresh database."""
+async def loyalty_import(source_url: str, db: Database) -> dict:
+    """`loyalty export` of the batch-imported log, then `loyalty import` of that file into a fresh database."""
+    path = RESULTS / "logs" / "export.jsonl"
+    cli_env = {**os.environ, "LOYALTY_LOG_LEVEL": "WARNING"}
+    done = subprocess.run([*env.LOYALTY, "export", "--format", "jsonl", "--out", str(path)], cwd=env.ROOT,
+                          env={**cli_env, "DATABASE_URL": source_url}, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": "export: " + (done.stderr or done.stdout)[-600:]}
     url = await db.fresh("bench_import_cli")
-    members = max(1000, plan.import_lines // 10)
-    rng = random.Random(11)
-    path = RESULTS / "logs" / "import.ndjson"
-    with open(path, "wb") as file:
-        for n in range(members):
-            file.write(msgspec.json.encode({"op": "enrol", "member_id": f"m{n}", "body": {"identities": []}}) + b"\n")
-        for n in range(plan.import_lines):
-            file.write(msgspec.json.encode({"op": "purchase", "member_id": f"m{rng.randrange(members)}", "body": {
-                "purchase_id": f"imp-{n}", "store_id": "s1", "amount_cents": rng.randint(100, 200_000)}}) + b"\n")
+    say("import: `loyalty import` of the same events, exported, into a fresh database")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "service", "import", str(path)], cwd=env.ROOT,
-                          env={**os.environ, "DATABASE_URL": url, "LOYALTY_LOG_LEVEL": "WARNING"},
+    done = subprocess.run([*env.LOYALTY, "import", str(path)], cwd=env.ROOT, env={**cli_env, "DATABASE_URL": url},
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    size = path.stat().st_size
     path.unlink()
     if done.returncode != 0:
-        return {"error": (done.stderr or done.stdout)[-800:]}
+        return {"error": (done.stderr or done.stdout)[-600:]}
     events = await head_position(url)
-    return {"lines": members + plan.import_lines, "events": events, "seconds": round(seconds, 2),
-            "events_per_s": round(events / seconds, 1)}
+    return {"events": events, "file_bytes": size, "seconds": round(seconds, 2), "events_per_s": round(events / seconds, 1),
+            "note": "process start and the hash chain's verification included"}
 
 
 async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
@@ -437,10 +568,6 @@ async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
         line = [l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON ")]
         results[which] = json.loads(line[0][len("BENCH_JSON "):]) if line else {"error": done.stderr[-800:]}
     out["eventsourcing"] = results
-
-
-def scenario_projections(plan: Plan, db: Database, out: dict) -> None:
-    out["projections"] = {"measurable": has_command("project")}
 
 
 SCENARIOS = {
@@ -472,7 +599,6 @@ async def run(plan: Plan, only: list[str]) -> dict:
         for name, scenario in SCENARIOS.items():
             if not only or name in only:
                 await scenario(plan, db, out)
-        scenario_projections(plan, db, out)
         out["machine"]["postgres"] = getattr(db, "server_version", None)
         await db.drop_all()
     finally:
