@@ -152,8 +152,7 @@ async def _member_pages(conn, member_id: str | None, upto: int):
 
 
 def _add_liability(totals: dict[str, int], state: MemberState, at: datetime) -> None:
-    if not state.enrolled:
-        return
+    # Not "if enrolled": a purchase may be dated before its member's enrolment, and its points count.
     b = balance(state, at)
     for name, value in (("earned", b.lifetime_earned), ("clawed", b.lifetime_clawed),
                         ("adjusted", b.lifetime_adjusted), ("redeemed", b.lifetime_redeemed),
