@@ -1,11 +1,13 @@
 """The application layer: load a member, decide, append, answer; exactly once.
 
-For each command: check the Idempotency-Key's stored answer; load the
-member's state (an in-process cache validated by stream version: only events
-newer than the cached version are read); decide; append with the version the
-decision saw; store the answer with the events. A version conflict from
-another process reloads and decides again; within one process a per-member
-lock serializes commands so they do not conflict at all.
+For each command: check the Idempotency-Key's stored answer; take the
+member's state (an in-process cache; a member not cached, or a decision that
+appends nothing, is read from the log: only events newer than the cached
+version); decide; append with the version the decision saw; store the answer
+with the events. The append's version check under the head lock is what
+validates a cached state: a conflict (another process appended) reloads and
+decides again; within one process a per-member lock serializes commands so
+they do not conflict at all.
 """
 
 from __future__ import annotations
@@ -117,11 +119,21 @@ class Ledger:
                 evolve(state, fact_of(envelope))
             if len(envelopes) < 10_000:
                 break
+        await self._maybe_snapshot(stream_id, state)
+        if state.enrolled:
+            self._remember(stream_id, state)
+        return state
+
+    async def _maybe_snapshot(self, stream_id: str, state: MemberState) -> None:
         if state.enrolled and state.version - self._snapshot_versions.get(stream_id, 0) >= SNAPSHOT_EVERY_EVENTS:
             await self.store.save_snapshot(stream_id, state.version, state)
             self._snapshot_versions[stream_id] = state.version
-        if state.enrolled:
-            self._remember(stream_id, state)
+
+    def _cached(self, stream_id: str) -> MemberState | None:
+        """The cached state as it is (not checked against the log), or None."""
+        state = self._states.get(stream_id)
+        if state is not None:
+            self._states.move_to_end(stream_id)
         return state
 
     def _remember(self, stream_id: str, state: MemberState) -> None:
@@ -191,9 +203,20 @@ class Ledger:
     async def _decide_and_append(
         self, operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
     ) -> Outcome:
-        for _attempt in range(MAX_CONFLICT_RETRIES):
-            state = await self._load_locked(stream_id)
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            # First try: decide on the cached state without reading the log.
+            # An append is safe on it, since the store checks its version under
+            # the head lock (a stale cache is a conflict: reload, decide again);
+            # anything else (a refusal, a replay, 412, nothing to append) is
+            # answered only from a state just read, so another process's
+            # appends can never show through as a wrong refusal.
+            state = self._cached(stream_id) if attempt == 0 else None
+            checked = state is None
+            if state is None:
+                state = await self._load_locked(stream_id)
             if expected_version is not None and expected_version != state.version:
+                if not checked:
+                    continue
                 return _refusal_outcome(
                     Refusal(412, "version_mismatch", f"the member is at version {state.version}, not {expected_version}",
                             stream_version=state.version)
@@ -201,10 +224,16 @@ class Ledger:
             try:
                 decided = decide(state, command, self.programme, self.clock())
             except Refusal as refusal:
+                if not checked:
+                    continue
                 return _refusal_outcome(refusal)
             except DuplicateCommand as duplicate:
+                if not checked:
+                    continue
                 return await self._natural_replay(stream_id, duplicate.natural_key, fingerprint)
             if not decided:
+                if not checked:
+                    continue
                 return Outcome(200, encode_json({"appended": 0}))
             keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
             if idempotency_key is not None:
@@ -241,6 +270,10 @@ class Ledger:
                 self.forget(stream_id)  # the in-place evolve may have run
                 raise
             status, body = append.answer
+            try:  # the state now includes the events just appended
+                await self._maybe_snapshot(stream_id, state)
+            except Exception:  # a snapshot is only a cache; the command has succeeded
+                log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
             return Outcome(status, body, position=recorded[-1].position)
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
 
