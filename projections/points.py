@@ -247,7 +247,7 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
     """The buckets, debt and lifetime totals of the member as the events up to ``at`` made them."""
     lines = target.table("ledger_lines")
     sums = await conn.fetch(
-        f"""SELECT kind, bucket_id IS NULL AS owed, sum(points) AS points FROM {lines}
+        f"""SELECT kind, bucket_id IS NULL AS owed, sum(points)::bigint AS points FROM {lines}
             WHERE stream_id = $1 AND occurred_at <= $2 AND kind <> 'expire' GROUP BY kind, owed""",
         stream_id, at,
     )
@@ -257,7 +257,7 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
     state = MemberState(member_id=stream_id, totals=totals, debt=-sum(r["points"] for r in sums if r["owed"]))
     buckets = await conn.fetch(
         f"""SELECT b.bucket_id, b.ref, b.occurred_at, b.available_at, b.expires_at, b.amount, b.position,
-                   sum(l.points) AS remaining
+                   sum(l.points)::bigint AS remaining
             FROM {target.table('point_buckets')} b
             JOIN {lines} l ON l.stream_id = b.stream_id AND l.bucket_id = b.bucket_id
             WHERE b.stream_id = $1 AND l.occurred_at <= $2 AND l.kind <> 'expire'
