@@ -10,6 +10,10 @@ rebuild from scratch gives.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import sys
 import time
 from datetime import timedelta
 
@@ -340,3 +344,37 @@ async def test_status_reports_lag_in_events_and_seconds_and_feeds_the_gauges(poo
     text = generate_latest(registry).decode()
     assert 'loyalty_projection_lag_events{projection="points"} 0.0' in text
     assert 'loyalty_projection_rebuilding{projection="coupons"} 1.0' in text
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+async def test_loyalty_rebuild_swaps_in_a_rebuilt_projection(pool, shop, database_url):
+    from tests.test_replay import loyalty
+
+    await project_all(pool)
+    before = await all_rows(pool)
+    code, out, err = await loyalty(database_url, "rebuild", "points")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "live" and "rebuild points" in err
+    assert await all_rows(pool) == before
+
+
+async def test_the_loyalty_project_worker_catches_up_and_stops_on_sigterm(pool, shop, database_url):
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys, service; sys.exit(service.main())", "project",
+        env={**os.environ, "DATABASE_URL": database_url, "LOYALTY_LOG_LEVEL": "WARNING"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        head = await shop.head()
+        for name in runtime.PROJECTIONS:
+            await eventually(lambda: _reached(pool, name, head), timeout_s=30)
+        await shop.purchase("m2", "after-start", 100_000)  # woken by the notification
+        await eventually(lambda: _reached(pool, "points", head + 2), timeout_s=10)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(worker.communicate(), 30)
+    assert worker.returncode == 0, err.decode()
+    report = await replay(pool, PROGRAMME, shop.clock())
+    assert report.ok, report.mismatches
