@@ -202,8 +202,11 @@ async def rebuild_step(conn: asyncpg.Connection, module: ModuleType, programme: 
         await recreate_tables(conn, module, target)
     live_position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE name = $1", module.NAME)
     if shadow_position < live_position:
-        await project_batch(conn, module, target, until=live_position, batch_size=batch_size)
+        _, shadow_position = await project_batch(conn, module, target, until=live_position, batch_size=batch_size)
+    if shadow_position < live_position:
         return "building"
+    # Swap in this same step: the lease holder's next live batch would move the target again,
+    # and under steady appends the shadow would never be found caught up.
     return "swapped" if await swap(conn, module) else "building"
 
 

@@ -378,3 +378,40 @@ async def test_the_loyalty_project_worker_catches_up_and_stops_on_sigterm(pool, 
     assert worker.returncode == 0, err.decode()
     report = await replay(pool, PROGRAMME, shop.clock())
     assert report.ok, report.mismatches
+
+
+async def test_a_rebuild_under_steady_appends_completes_and_serves_no_wrong_answer(pool, shop, connect):
+    service = ProjectionService(pool, PROGRAMME, shop.clock)
+    projectors = ProjectionRuntime(connect, service, names=["points"], batch_size=5)
+    await projectors.start()
+    writing = True
+
+    async def write() -> None:
+        n = 0
+        while writing:
+            n += 1
+            await shop.purchase("m2", f"load-{n}", 10_000 + n, days_ago=1)
+
+    writer = asyncio.create_task(write())
+    try:
+        await asyncio.sleep(0.2)
+        seen = []
+        await request_rebuild(pool, "points")
+        deadline = time.monotonic() + 20
+        while await state_of(pool, "points") == "rebuilding":
+            assert time.monotonic() < deadline, "the rebuild never caught up with the appends"
+            seen.append(await points.ledger_page(pool, "m2", 0, 10_000))
+        writing = False
+        await writer
+        await eventually(lambda: _caught_up(pool, shop, "points"))
+    finally:
+        writing = False
+        await stop(writer)
+        await projectors.stop()
+    final = await points.ledger_page(pool, "m2", 0, 10_000)
+    assert seen and all(page == final[: len(page)] for page in seen)  # every answer a true prefix of the trail
+    await assert_same_as_a_rebuild_and_the_replay(pool, shop)
+
+
+async def _caught_up(pool, shop: Shop, name: str) -> bool:
+    return await checkpoint(pool, name) == await shop.head()
