@@ -244,7 +244,8 @@ async def problems_and_metrics(request: web.Request, handler):
             405: f"{request.method} is not allowed on {request.path}",
             413: "the body is larger than allowed (64 KiB; batch 8 MiB)",
         }.get(http.status, http.reason or "error")
-        response = problem_response(http.status, code, detail)
+        allow_header = {"Allow": http.headers["Allow"]} if "Allow" in http.headers else None  # RFC 9110 on 405
+        response = problem_response(http.status, code, detail, allow_header)
     except RequestTimeout:
         log.warning("%s %s did not finish within its deadline: answered 503", request.method, request.path)
         response = problem_response(503, "request_timeout", "the request did not finish in time (the database is slow "
@@ -399,7 +400,7 @@ _ID = re.compile(cmd.ID_PATTERN)
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # an empty value is not a number (schemathesis): 422, not the default
         return default
     try:
         value = int(raw)
@@ -412,7 +413,7 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
 
 def query_time(request: web.Request, name: str, default: datetime) -> datetime:
     raw = request.query.get(name)
-    if not raw:
+    if raw is None:
         return default
     try:
         return parse_time(raw)
@@ -774,18 +775,33 @@ READS = [
 _QUERY_SCHEMAS = {
     "as_of": {"type": "string", "format": "date-time"},
     "status": {"type": "string", "enum": ["issued", "redeemed", "expired", "voided"]},
-    "after": {"type": "integer", "minimum": 0},
+    "after": {"type": "integer", "minimum": 0, "maximum": 2**62},
     "limit": {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX},
     "type": {"type": "string"},
     "wait_ms": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_MS},
-    "min_position": {"type": "integer", "minimum": 0},
+    "min_position": {"type": "integer", "minimum": 0, "maximum": 2**62},
 }
 _PROBLEM = {"description": "A refusal", "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
 
 
+# What the handlers accept, so that generated "valid" requests are valid (tests/test_schemathesis.py).
+_PATH_SCHEMAS = {
+    "type": {"type": "string", "enum": ["phone", "unionid", "openid", "email", "card"]},
+    "value": {"type": "string", "minLength": 1, "maxLength": 256},
+    "lifecycle": {"type": "string", "enum": ["prospect", "active", "loyal", "dormant"]},
+}
+_ID_SCHEMA = {"type": "string", "pattern": cmd.ID_PATTERN}
+
+
 def _path_parameters(path: str) -> list[dict[str, Any]]:
     names = re.findall(r"{(\w+)}", path)
-    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+    return [{"name": n, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(n, _ID_SCHEMA)} for n in names]
+
+
+def _query_schema(path: str, name: str) -> dict[str, Any]:
+    if path == "/v1/segments/{lifecycle}" and name == "after":
+        return _ID_SCHEMA  # segments page by member id
+    return _QUERY_SCHEMAS[name]
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -812,7 +828,7 @@ def build_openapi() -> dict[str, Any]:
             "parameters": _path_parameters(operation.path)
             + [
                 {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
-                {"name": "If-Match", "in": "header", "schema": {"type": "string"}},
+                {"name": "If-Match", "in": "header", "schema": {"type": "string", "pattern": r'^"?[0-9]{1,9}"?$'}},
             ],
             "requestBody": {"required": not operation.path_fields, "content": {JSON: {"schema": schema}}},
             "responses": {
@@ -826,14 +842,14 @@ def build_openapi() -> dict[str, Any]:
             "security": security,
             "x-roles": sorted(roles),
             "parameters": _path_parameters(path)
-            + [{"name": q, "in": "query", "schema": _QUERY_SCHEMAS[q]} for q in query],
+            + [{"name": q, "in": "query", "schema": _query_schema(path, q)} for q in query],
             "responses": {"200": {"description": "OK", "content": {JSON: {"schema": {"type": "object"}}}},
                           **_errors(401, 403, 404, 422, 429, 503)},
         }
     paths["/v1/batch"] = {"post": {
         "summary": "NDJSON batch of commands; one result line per input line, in order",
         "security": security, "x-roles": sorted(CHECKOUT),
-        "requestBody": {"required": True, "content": {NDJSON: {"schema": {"type": "string"}}}},
+        "requestBody": {"required": False, "content": {NDJSON: {"schema": {"type": "string"}}}},  # empty: no lines
         "responses": {"200": {"description": "Results", "content": {NDJSON: {"schema": {"type": "string"}}}},
                       **_errors(401, 403, 413, 415, 429, 503)},
     }}

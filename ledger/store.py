@@ -368,7 +368,7 @@ class EventStore:
 
     async def read_stream(self, stream_id: str, after_version: int = 0, limit: int = MAX_READ_LIMIT) -> list[Envelope]:
         rows = await self.pool.fetch(
-            f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2
+            f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2::bigint
                 ORDER BY stream_version LIMIT $3""",
             stream_id,
             after_version,
