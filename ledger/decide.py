@@ -16,7 +16,7 @@ from ledger import commands as cmd
 from ledger.errors import DuplicateCommand, Refusal, not_found
 from ledger.programme import WEEKDAYS, Programme
 from ledger.state import Bucket, MemberState
-from ledger.views import available_buckets, available_points, current_tier, rolling_growth
+from ledger.views import available_points, burnable_buckets, current_tier, rolling_growth
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
@@ -50,13 +50,13 @@ def business_time(given: datetime | None, programme: Programme, now: datetime) -
     return given
 
 
-def _take(buckets: list[Bucket], points: int) -> tuple[list[ev.BucketPoints], int]:
-    """Take up to ``points`` from buckets in the order given; returns parts and shortfall."""
+def _take(sources: list[tuple[Bucket, int]], points: int) -> tuple[list[ev.BucketPoints], int]:
+    """Take up to ``points`` from (bucket, allowed) in the order given; returns parts and shortfall."""
     parts = []
-    for bucket in buckets:
+    for bucket, allowed in sources:
         if points == 0:
             break
-        taken = min(bucket.remaining, points)
+        taken = min(allowed, points)
         if taken > 0:
             parts.append(ev.BucketPoints(bucket.bucket_id, taken))
             points -= taken
@@ -79,9 +79,16 @@ def _unexpired(state: MemberState, parts: list[ev.BucketPoints]) -> list[ev.Buck
     return unexpired
 
 
+def _not_before(at: datetime, earlier: datetime, what: str, code: str = "occurred_at_before_original") -> None:
+    """A return or a reversal is dated no earlier than what it undoes."""
+    if at < earlier:
+        raise Refusal(422, code, f"occurred_at is before {what} it undoes ({earlier.isoformat()})", field="occurred_at")
+
+
 def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.BucketPoints]:
     """Burn soonest-expiry first; never overdraws (409 insufficient_points)."""
-    spendable = available_points(state, at)
+    sources = burnable_buckets(state, at)
+    spendable = min(sum(allowed for _, allowed in sources) - state.debt, available_points(state, at))
     if points > spendable:
         raise Refusal(
             409,
@@ -89,7 +96,7 @@ def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.Bu
             f"{points} points asked, {max(spendable, 0)} available at {at.isoformat()}",
             available=spendable,
         )
-    parts, shortfall = _take(available_buckets(state, at), points)
+    parts, shortfall = _take(sources, points)
     assert shortfall == 0
     return parts
 
@@ -197,8 +204,7 @@ def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme,
     if purchase is None:
         raise not_found("purchase_not_found", f"purchase {command.purchase_id}")
     at = business_time(command.occurred_at, programme, now)
-    if at < purchase.occurred_at:
-        raise Refusal(422, "return_before_purchase", "a return cannot occur before its purchase", field="occurred_at")
+    _not_before(at, purchase.occurred_at, "the purchase", code="return_before_purchase")
     returned_total = purchase.returned_cents + command.amount_cents
     if returned_total > purchase.amount_cents:
         raise Refusal(
@@ -210,8 +216,8 @@ def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme,
     points = purchase.points * returned_total // purchase.amount_cents - purchase.clawed_points
     growth = purchase.growth * returned_total // purchase.amount_cents - purchase.clawed_growth
     own = state.buckets.get(purchase.bucket_id or "")
-    sources = [own] if own is not None and not own.is_expired(at) else []
-    sources += [b for b in available_buckets(state, at) if b is not own]
+    sources = [(own, own.burnable(at))] if own is not None and not own.is_expired(at) else []
+    sources += [(b, allowed) for b, allowed in burnable_buckets(state, at) if b is not own]
     parts, shortfall = _take(sources, points)
     debt, written_off = (shortfall, 0) if programme.return_shortfall == "debt" else (0, shortfall)
     decided = [
@@ -286,6 +292,7 @@ def _reverse_redemption(state: MemberState, command: cmd.ReverseRedemption, prog
     if redemption.reversed:
         raise DuplicateCommand(f"redemption_reversal:{command.redemption_id}")
     at = business_time(command.occurred_at, programme, now)
+    _not_before(at, redemption.occurred_at, "the redemption")
     # Restored into a bucket past its expiry, or one the expire job already
     # wrote off: expired again at once, and the trail says so.
     expired = [
@@ -361,6 +368,7 @@ def _reverse_coupon_redemption(state: MemberState, command: cmd.ReverseCouponRed
     if coupon.status != "redeemed":
         raise Refusal(409, "coupon_not_redeemed", f"the coupon is {coupon.status}; only a redeemed coupon can be reversed")
     at = business_time(command.occurred_at, programme, now)
+    _not_before(at, coupon.redeemed_at or at, "the coupon redemption")
     return [Decided(at, ev.CouponRedemptionReversed(coupon_id=coupon.coupon_id, order_ref=coupon.order_ref or ""))]
 
 

@@ -36,6 +36,9 @@ class Bucket:
     version: int
     expiry_recorded: bool = False  # the expire job wrote its points_expired
     expired_points_recorded: int = 0  # points the trail already shows as expired
+    # Burns (negative) and restores (positive) with their business time: a
+    # backdated burn must fit every as-of view after its date, not only today's.
+    movements: list[tuple[datetime, int]] = field(default_factory=list)
 
     def is_available(self, at: datetime) -> bool:
         return self.available_at <= at < self.expires_at
@@ -45,6 +48,23 @@ class Bucket:
 
     def is_expired(self, at: datetime) -> bool:
         return self.expires_at <= at
+
+    def burnable(self, at: datetime) -> int:
+        """Points a burn dated ``at`` may take without any later as-of view going below 0.
+
+        As of a moment T the bucket holds ``amount`` less the net of movements
+        dated at or before T; a burn at ``at`` shows in every view from ``at``
+        on, so it may take at most the lowest of those holdings.
+        """
+        if not self.movements or all(moment <= at for moment, _ in self.movements):
+            return self.remaining
+        held = self.amount + sum(delta for moment, delta in self.movements if moment <= at)
+        lowest = held
+        for moment, delta in sorted(self.movements):
+            if moment > at:
+                held += delta
+                lowest = min(lowest, held)
+        return lowest
 
     def burn_order(self) -> tuple[datetime, datetime, int]:
         """Soonest expiry first; ties: oldest occurred_at, then log order."""
@@ -97,6 +117,7 @@ class Coupon:
     points_cost: int
     status: str = "issued"  # issued | redeemed | voided; "expired" is read by date
     order_ref: str | None = None
+    redeemed_at: datetime | None = None
     expiry_recorded: bool = False
 
     def status_at(self, at: datetime) -> str:
@@ -172,10 +193,11 @@ def fold(facts, state: MemberState | None = None) -> MemberState:
     return state
 
 
-def _burn(state: MemberState, parts: list[ev.BucketPoints], unexpired: list[ev.BucketPoints]) -> None:
+def _burn(state: MemberState, parts: list[ev.BucketPoints], unexpired: list[ev.BucketPoints], fact: Fact) -> None:
     for part in parts:
         bucket = state.buckets[part.bucket_id]
         bucket.remaining -= part.points
+        bucket.movements.append((fact.occurred_at, -part.points))
         assert 0 <= bucket.remaining <= bucket.amount, bucket
     for part in unexpired:
         state.buckets[part.bucket_id].expired_points_recorded -= part.points
@@ -236,14 +258,14 @@ def _points_clawed_back(state: MemberState, event: ev.PointsClawedBack, fact: Fa
     purchase.clawed_points += event.points
     purchase.clawed_growth += event.growth
     purchase.returns.append(GrowthReturn(fact.occurred_at, event.growth))
-    _burn(state, event.buckets, event.unexpired)
+    _burn(state, event.buckets, event.unexpired, fact)
     state.debt += event.debt
     state.totals.clawed += event.points - event.written_off
     state.totals.written_off += event.written_off
 
 
 def _points_redeemed(state: MemberState, event: ev.PointsRedeemed, fact: Fact) -> None:
-    _burn(state, event.buckets, event.unexpired)
+    _burn(state, event.buckets, event.unexpired, fact)
     state.totals.redeemed += event.points
     state.redemptions[event.redemption_id] = Redemption(
         redemption_id=event.redemption_id,
@@ -257,6 +279,7 @@ def _redemption_reversed(state: MemberState, event: ev.RedemptionReversed, fact:
     for part in event.buckets:
         bucket = state.buckets[part.bucket_id]
         bucket.remaining += part.points
+        bucket.movements.append((fact.occurred_at, part.points))
         assert bucket.remaining <= bucket.amount, bucket
     for part in event.expired:
         state.buckets[part.bucket_id].expired_points_recorded += part.points
@@ -276,7 +299,7 @@ def _points_adjusted(state: MemberState, event: ev.PointsAdjusted, fact: Fact) -
     state.debt -= event.debt_paid
     if event.bucket is not None:
         _credit_bucket(state, event.bucket, event.adjustment_id, fact)
-    _burn(state, event.buckets, event.unexpired)
+    _burn(state, event.buckets, event.unexpired, fact)
 
 
 def _tier_changed(state: MemberState, event: ev.TierChanged, fact: Fact) -> None:
@@ -302,7 +325,7 @@ def _coupon_issued(state: MemberState, event: ev.CouponIssued, fact: Fact) -> No
         points_cost=event.points_cost,
     )
     if event.buckets:
-        _burn(state, event.buckets, event.unexpired)
+        _burn(state, event.buckets, event.unexpired, fact)
         state.totals.redeemed += event.points_cost
 
 
@@ -310,12 +333,14 @@ def _coupon_redeemed(state: MemberState, event: ev.CouponRedeemed, fact: Fact) -
     coupon = state.coupons[event.coupon_id]
     coupon.status = "redeemed"
     coupon.order_ref = event.order_ref
+    coupon.redeemed_at = fact.occurred_at
 
 
 def _coupon_redemption_reversed(state: MemberState, event: ev.CouponRedemptionReversed, fact: Fact) -> None:
     coupon = state.coupons[event.coupon_id]
     coupon.status = "issued"
     coupon.order_ref = None
+    coupon.redeemed_at = None
 
 
 def _coupon_voided(state: MemberState, event: ev.CouponVoided, fact: Fact) -> None:

@@ -35,11 +35,11 @@ class TierView(msgspec.Struct, kw_only=True):
     hold_until: datetime | None
 
 
-def available_buckets(state: MemberState, at: datetime) -> list[Bucket]:
-    """Buckets a burn may take from at ``at``, in burn order."""
-    usable = [b for b in state.buckets.values() if b.remaining > 0 and b.is_available(at)]
-    usable.sort(key=Bucket.burn_order)
-    return usable
+def burnable_buckets(state: MemberState, at: datetime) -> list[tuple[Bucket, int]]:
+    """Buckets a burn dated ``at`` may take from, in burn order, with how much each allows."""
+    usable = [(b, b.burnable(at)) for b in state.buckets.values() if b.remaining > 0 and b.is_available(at)]
+    usable.sort(key=lambda pair: pair[0].burn_order())
+    return [(bucket, points) for bucket, points in usable if points > 0]
 
 
 def available_points(state: MemberState, at: datetime) -> int:
