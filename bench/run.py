@@ -58,6 +58,7 @@ class Plan:
     es_seconds: float
     check_members: int
     profile: bool
+    rounds: int = 1  # ours and its baseline alternate this many times; the median ratio counts
 
 
 def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
@@ -65,11 +66,11 @@ def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
         return Plan(name or "quick", True, members=2000, duration_s=4, warmup_s=1,
                     stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 60_000)),
                     import_lines=8_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
-                    es_seconds=3, check_members=100, profile=profile)
+                    es_seconds=3, check_members=100, profile=profile, rounds=1)
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3,
                 stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 1_000_000)),
                 import_lines=100_000, heavy_members=20, light_members=2000, paced_s=15, paced_rate=1000,
-                es_seconds=15, check_members=300, profile=True)
+                es_seconds=15, check_members=300, profile=True, rounds=3)
 
 
 def say(message: str) -> None:
@@ -164,37 +165,38 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
     """HTTP purchase ingest vs the no-op server; RSS; CPU per command; reads at a fixed rate; the answer check."""
     log_dir = RESULTS / "logs"
     url = await db.fresh("bench_ingest")
-    say(f"ingest: no-op baseline, {CONNECTIONS} connections, {plan.duration_s:g} s")
     noop = noop_process(log_dir).start()
-    try:
-        purchase_load(noop.port, "m", plan.members, "warm", plan.warmup_s)
-        baseline = purchase_load(noop.port, "m", plan.members, "base", plan.duration_s)
-        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua",
-                         ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
-                         connections=16, duration_s=plan.paced_s)
-    finally:
-        noop.stop()
     service = service_process(url, log_dir).start()
     try:
         base = f"http://127.0.0.1:{service.port}"
         say(f"ingest: enrolling {plan.members} members through /v1/batch")
         enrol_s = await enrol(base, "m", plan.members)
+        purchase_load(noop.port, "m", plan.members, "warm", plan.warmup_s)
         purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        say(f"ingest: the service, {CONNECTIONS} connections, {plan.duration_s:g} s")
         meter = CpuMeter(service.pid, postmaster_pid(db))
-        head_before = await head_position(url)
-        cpu_before = meter.read()
+        rounds, cpu, events = [], [0.0, 0.0, 0.0], 0
         with RssSampler(service.pid) as rss:
-            ours = purchase_load(service.port, "m", plan.members, "run", plan.duration_s)
-        cpu_after = meter.read()
-        head_after = await head_position(url)
-        commands = ours.requests
-        cpu = [after - before for before, after in zip(cpu_before, cpu_after)]
+            for number in range(plan.rounds):
+                say(f"ingest round {number + 1}/{plan.rounds}: the no-op baseline, then the service; "
+                    f"{CONNECTIONS} connections, {plan.duration_s:g} s each")
+                baseline = purchase_load(noop.port, "m", plan.members, f"base{number}", plan.duration_s)
+                head_before, cpu_before = await head_position(url), meter.read()
+                ours = purchase_load(service.port, "m", plan.members, f"run{number}", plan.duration_s)
+                cpu_after, head_after = meter.read(), await head_position(url)
+                cpu = [total + after - before for total, before, after in zip(cpu, cpu_before, cpu_after)]
+                events += head_after - head_before
+                rounds.append((baseline, ours))
+        ratios = [o.rps / b.rps for b, o in rounds]
+        baseline, ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+        commands = sum(o.requests for _b, o in rounds)
+        seconds = sum(o.duration_s for _b, o in rounds)
         out["ingest"] = {
             "baseline": baseline.as_dict(),
             "ours": ours.as_dict(),
-            "events": head_after - head_before,
-            "events_per_s": round((head_after - head_before) / ours.duration_s, 1),
+            "rounds_rps": [(b.rps, o.rps) for b, o in rounds],
+            "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
+            "events": events,
+            "events_per_s": round(events / seconds, 1),
             "enrol_members_per_s": round(plan.members / enrol_s, 1),
             "cpu_us_per_command": {
                 "service": round(1e6 * cpu[0] / commands, 1),
@@ -208,7 +210,10 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
             say("ingest: profiling the service under the same load (py-spy)")
             out["profile"] = profile_service(service, plan)
         await wait_caught_up(url, 60)  # reads in steady state, not while the projector drains the burst above
-        say(f"reads: balance at {plan.paced_rate} req/s for {plan.paced_s:g} s")
+        say(f"reads: balance at {plan.paced_rate} req/s for {plan.paced_s:g} s, the no-op GET then the service")
+        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua",
+                         ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
+                         connections=16, duration_s=plan.paced_s)
         paced = wrk(base, "balance_paced.lua", ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
                     connections=16, duration_s=plan.paced_s)
         out["reads"] = {"baseline": paced_base.as_dict(), "ours": paced.as_dict()}
@@ -219,6 +224,7 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
         out["check"] = await check_answers(url, base, [f"m{n}" for n in random.sample(range(plan.members), plan.check_members)])
     finally:
         service.stop()
+        noop.stop()
     # The write path alone: the same service with its projectors off (nothing else projects).
     service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
     try:
@@ -392,16 +398,28 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
     say(f"stored: writing {members * 54:,} events of history by COPY (real events, hash-chained)")
     fill = await filler.append_members(url, "f", members, FILLER_PURCHASES, Programme())
     out["catch_up"] = await projection_catch_up(url, log_dir, fill["events"])
-    service = service_process(url, log_dir).start()
+    empty_url = await db.fresh("bench_empty")
+    stored, empty = service_process(url, log_dir).start(), service_process(empty_url, log_dir).start()
     try:
-        await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
-        purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        say(f"stored: the service over {fill['events']:,} stored events, {plan.duration_s:g} s")
-        with RssSampler(service.pid) as rss:
-            ours = purchase_load(service.port, "m", plan.members, "run", plan.duration_s)
-        out["stored"] = {"filler": fill, "ours": ours.as_dict(), "rss_mb": rss.samples}
+        for service in (stored, empty):
+            await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
+            purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
+        rounds = []
+        with RssSampler(stored.pid) as rss:
+            for number in range(plan.rounds):
+                say(f"stored round {number + 1}/{plan.rounds}: the empty store, then {fill['events']:,} stored events; "
+                    f"{plan.duration_s:g} s each")
+                on_empty = purchase_load(empty.port, "m", plan.members, f"run{number}", plan.duration_s)
+                on_stored = purchase_load(stored.port, "m", plan.members, f"run{number}", plan.duration_s)
+                rounds.append((on_empty, on_stored))
+        ratios = sorted(s_.rps / e.rps for e, s_ in rounds)
+        on_empty, on_stored = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+        out["stored"] = {"filler": fill, "ours": on_stored.as_dict(), "empty": on_empty.as_dict(),
+                         "rounds_rps": [(e.rps, s_.rps) for e, s_ in rounds], "ratio_median": round(ratios[len(ratios) // 2], 3),
+                         "rss_mb": rss.samples}
     finally:
-        service.stop()
+        stored.stop()
+        empty.stop()
 
 
 async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
@@ -495,12 +513,20 @@ async def scenario_heavy(plan: Plan, db: Database, out: dict) -> None:
                         assert answer.status == 200
         seconds = max(2.0, plan.duration_s / 2)
         say(f"heavy: one connection, {seconds:g} s each on the light and the heavy members")
-        runs = {}
-        for prefix, count in (("l", plan.light_members), ("h", plan.heavy_members), ("l2", plan.light_members)):
-            runs[prefix] = purchase_load(service.port, prefix[0], count, f"seq{prefix}", seconds, connections=1).as_dict()
+        # light, heavy, light, heavy, ..., light: each heavy run against the mean of its two neighbours.
+        lights = [purchase_load(service.port, "l", plan.light_members, "seql0", seconds, connections=1)]
+        heavies, ratios = [], []
+        for number in range(plan.rounds):
+            heavies.append(purchase_load(service.port, "h", plan.heavy_members, f"seqh{number}", seconds, connections=1))
+            lights.append(purchase_load(service.port, "l", plan.light_members, f"seql{number + 1}", seconds, connections=1))
+            neighbours = (lights[-2].latency_ms["p50"] + lights[-1].latency_ms["p50"]) / 2
+            ratios.append(heavies[-1].latency_ms["p50"] / neighbours)
+        middle = sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
         out["heavy"] = {"events_per_heavy_member": heavy["events_per_member"],
                         "events_per_light_member": light["events_per_member"],
-                        "cold_first_purchase_ms": cold, "light": runs["l"], "heavy": runs["h"], "light_again": runs["l2"]}
+                        "cold_first_purchase_ms": cold, "light": lights[middle].as_dict(), "heavy": heavies[middle].as_dict(),
+                        "light_again": lights[middle + 1].as_dict(), "ratios_p50": [round(r, 3) for r in ratios],
+                        "ratio_median": round(ratios[middle], 3)}
     finally:
         service.stop()
 
