@@ -151,7 +151,8 @@ class _Batch:
 def _buckets_named(event: ev.Event) -> list[str]:
     """The existing buckets an event moves points in or out of (loaded before applying)."""
     parts = getattr(event, "buckets", None) or []
-    named = [p.bucket_id for p in parts] + [p.bucket_id for p in getattr(event, "expired", [])]
+    named = [p.bucket_id for p in parts]
+    named += [p.bucket_id for p in getattr(event, "expired", []) + getattr(event, "unexpired", [])]
     if isinstance(event, ev.PointsExpired):
         named.append(event.bucket_id)
     return named
@@ -166,6 +167,15 @@ async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Tar
     await rows.save(conn)
 
 
+def _burned(rows: _Batch, envelope: Envelope, kind: str, event, ref: str, reason: str) -> None:
+    """A burn's lines; and, for points the expire job had already written off that this late burn
+    (dated before expires_at) spent, a line taking that expiry back: the trail stays equal to the balance."""
+    rows.move(envelope, kind, event.buckets, -1, ref, reason)
+    for part in event.unexpired:
+        rows.bucket(envelope, part.bucket_id)
+        rows.line(envelope, "expire", part.points, part.bucket_id, ref, "expiry taken back: spent before expires_at")
+
+
 def _earned(rows: _Batch, envelope: Envelope, event: ev.PointsEarned) -> None:
     if event.bucket is not None:
         rows.credit(envelope, event.bucket, event.purchase_id)
@@ -174,14 +184,14 @@ def _earned(rows: _Batch, envelope: Envelope, event: ev.PointsEarned) -> None:
 
 
 def _clawed_back(rows: _Batch, envelope: Envelope, event: ev.PointsClawedBack) -> None:
-    rows.move(envelope, "clawback", event.buckets, -1, event.return_id, f"return of {event.purchase_id}")
+    _burned(rows, envelope, "clawback", event, event.return_id, f"return of {event.purchase_id}")
     rows.line(envelope, "clawback", -event.debt, None, event.return_id, f"return of {event.purchase_id}: owed (debt)")
     # A written-off shortfall (absorb) moves no points: no line.
 
 
 def _redeemed(rows: _Batch, envelope: Envelope, event: ev.PointsRedeemed) -> None:
     reason = f"redemption for order {event.order_ref}" if event.order_ref else "redemption"
-    rows.move(envelope, "redeem", event.buckets, -1, event.redemption_id, reason)
+    _burned(rows, envelope, "redeem", event, event.redemption_id, reason)
 
 
 def _reversed(rows: _Batch, envelope: Envelope, event: ev.RedemptionReversed) -> None:
@@ -202,11 +212,11 @@ def _adjusted(rows: _Batch, envelope: Envelope, event: ev.PointsAdjusted) -> Non
         rows.credit(envelope, event.bucket, event.adjustment_id)
         rows.line(envelope, "adjust", event.bucket.amount, event.bucket.bucket_id, event.adjustment_id, event.reason)
     rows.line(envelope, "adjust", event.debt_paid, None, event.adjustment_id, f"{event.reason} (pays debt)")
-    rows.move(envelope, "adjust", event.buckets, -1, event.adjustment_id, event.reason)
+    _burned(rows, envelope, "adjust", event, event.adjustment_id, event.reason)
 
 
 def _coupon_bought(rows: _Batch, envelope: Envelope, event: ev.CouponIssued) -> None:
-    rows.move(envelope, "coupon_purchase", event.buckets, -1, event.coupon_id, f"coupon {event.template}")
+    _burned(rows, envelope, "coupon_purchase", event, event.coupon_id, f"coupon {event.template}")
 
 
 _APPLIERS: dict[type, Callable[[_Batch, Envelope, Any], None]] = {
@@ -226,9 +236,9 @@ assert set(_APPLIERS) == {ev.EVENT_TYPES[name] for name in EVENT_TYPES}
 
 async def ledger_page(conn, stream_id: str, after_line: int, limit: int, target: Target = Target()) -> list[dict]:
     """The member's trail lines after line ``after_line``, at most ``limit``, in log order."""
-    rows = await conn.fetch(
+    rows = await conn.fetch(  # ::bigint: a client's ``after`` may exceed the column's integer range
         f"""SELECT {', '.join(LINE_COLUMNS)} FROM {target.table('ledger_lines')}
-            WHERE stream_id = $1 AND line > $2 ORDER BY line LIMIT $3""",
+            WHERE stream_id = $1 AND line > $2::bigint ORDER BY line LIMIT $3""",
         stream_id, after_line, limit,
     )
     return [{k: v for k, v in row.items() if k != "stream_id"} for row in rows]

@@ -257,6 +257,22 @@ async def test_the_trail_shows_each_bucket_movement_and_its_running_balance_ends
     assert lines[-1]["running_balance"] == now_balance.available + now_balance.pending == 0
 
 
+async def test_a_late_burn_of_points_already_recorded_as_expired_takes_the_expiry_back_in_the_trail(pool):
+    shop = Shop(pool)
+    await shop.enrol("m1")
+    await shop.purchase("m1", "p1", 100_000, days_ago=380)  # a migrated purchase: expired 15 days ago
+    await shop.job("expire")
+    assert (await shop.redeem("m1", "r1", 30, days_ago=20)).status == 201  # a till syncing a redemption late
+    await project_all(pool)
+    lines = await points.ledger_page(pool, "m1", 0, 100)
+    assert [(l["kind"], l["points"], l["running_balance"]) for l in lines] == [
+        ("earn", 100, 100), ("expire", -100, 0), ("redeem", -30, -30), ("expire", 30, 0),
+    ]
+    now_balance = balance(await shop.ledger.load("m1"), shop.clock())
+    assert lines[-1]["running_balance"] == now_balance.available + now_balance.pending
+    assert now_balance.lifetime_expired == 70
+
+
 async def test_liability_as_of_a_past_time_is_the_same_before_and_after_later_events(pool):
     shop = Shop(pool)
     await shop.enrol("m1")

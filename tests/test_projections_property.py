@@ -105,13 +105,16 @@ async def _check(server_url: str, template: str, history: list[tuple]) -> None:
 
 
 # The paths random histories reach least often: a reversal into an expired bucket (restored and
-# expired at once), a return that leaves debt, credits paying debt, late purchases, expiry, downgrade.
+# expired at once), a return that leaves debt, credits paying debt, late purchases, expiry, downgrade,
+# a late burn of points already recorded as expired.
 TRICKY = [
     ("purchase", "m1", "p1", 300_000, 200), ("purchase", "m1", "p2", 100_000, 350),
     ("redeem", "m1", "r1", 40, 0), ("redeem", "m1", "r2", 250, 0), ("project", 2),
     ("advance", 31), ("reverse", "m1", 0, 0), ("ret", "m1", "x1", 0, 100, 0),
     ("purchase", "m1", "p3", 100_000, 0), ("adjust", "m1", "a1", 200), ("job", "expire"), ("job", "tiers"),
     ("project", 3), ("advance", 366), ("job", "expire"), ("job", "tiers"), ("buy_coupon", "m2", "c1", 5),
+    # A late burn of points the expire job had already written off (dated before expires_at).
+    ("purchase", "m2", "p1", 100_000, 380), ("job", "expire"), ("project", 4), ("redeem", "m2", "r1", 30, 20),
 ]
 
 
