@@ -73,6 +73,10 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+class UnfoldableLog(Exception):
+    """The pure fold refused the member's events (up to a position, as of a time): a finding, not a crash."""
+
+
 class _Member:
     """One member's events, folded up to any position and time (each fold done once)."""
 
@@ -84,9 +88,14 @@ class _Member:
     def state(self, position: int, at: datetime | None = None) -> MemberState:
         key = (position, at)
         if key not in self._folds:
-            self._folds[key] = fold(
-                fact_of(e) for e in self.envelopes if e.position <= position and (at is None or e.occurred_at <= at)
-            )
+            try:
+                self._folds[key] = fold(
+                    fact_of(e) for e in self.envelopes
+                    if e.position <= position and (at is None or e.occurred_at <= at)
+                )
+            except (KeyError, AssertionError, LookupError) as error:
+                when = f" as of {at.isoformat()}" if at else ""
+                raise UnfoldableLog(f"the log up to position {position}{when} cannot be folded: {error!r}") from error
         return self._folds[key]
 
 
@@ -106,14 +115,21 @@ async def replay(
             for name in PROJECTIONS:
                 report.positions.setdefault(name, 0)
             totals = dict.fromkeys(LIABILITY_FIGURES, 0)
+            unfoldable = 0
             async for page in _member_pages(conn, member_id, max(report.positions.values())):
                 for member in page:
-                    report.mismatches += await _compare_member(conn, member, report.positions, as_of, programme)
-                    _add_liability(totals, member.state(report.positions["liability"], as_of), as_of)
+                    try:
+                        report.mismatches += await _compare_member(conn, member, report.positions, as_of, programme)
+                        _add_liability(totals, member.state(report.positions["liability"], as_of), as_of)
+                    except UnfoldableLog as finding:
+                        report.mismatches.append(f"member {member.member_id}: {finding}")
+                        unfoldable += 1
                 report.members_checked += len(page)
                 if progress is not None:
                     progress(len(page))
-            if member_id is None:
+            if member_id is None and unfoldable:
+                report.mismatches.append(f"programme liability not compared: {unfoldable} member(s) could not be folded")
+            elif member_id is None:
                 projected = await liability.liability(conn, as_of, programme)
                 report.mismatches += differences(f"programme liability as of {as_of.isoformat()}", totals,
                                                  {k: projected[k] for k in LIABILITY_FIGURES})

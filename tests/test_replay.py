@@ -91,3 +91,17 @@ async def test_loyalty_replay_exits_0_when_all_agree_and_1_with_a_readable_diff(
     assert code == 1
     assert "member m2: bucket p:q1: remaining: log 25, projection 24" in out
     assert "DISAGREE" in out
+
+
+async def test_replay_reports_a_log_the_domain_cannot_fold_and_checks_the_other_members(pool, shop):
+    from events import catalogue as ev
+    from ledger.store import Append, NewEvent
+
+    ghost = ev.RedemptionReversed(redemption_id="ghost", points=1, buckets=[], expired=[])
+    await shop.ledger.store.append(Append("m2", None, [NewEvent(shop.clock(), ghost)]))
+    await project_all(pool)
+    report = await replay(pool, PROGRAMME, shop.clock())
+    assert report.members_checked == 2
+    assert len(report.mismatches) == 2 and report.mismatches[0].startswith("member m2: the log up to position")
+    assert "cannot be folded: KeyError('ghost')" in report.mismatches[0]
+    assert report.mismatches[1] == "programme liability not compared: 1 member(s) could not be folded"
