@@ -420,17 +420,19 @@ class Projector:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self.connect()
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LEASE_NAMESPACE, lease_key(self.name)):
-                    log.info("projector %s holds the lease", self.name)
-                    await self._lead(conn)
-                else:
-                    await asyncio.sleep(LEASE_RETRY_S)
+                while not await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, $2)", LEASE_NAMESPACE, lease_key(self.name)
+                ):
+                    await asyncio.sleep(LEASE_RETRY_S)  # standing by, on the same connection
+                log.info("projector %s holds the lease", self.name)
+                await self._lead(conn)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.failures += 1
                 log.exception("projector %s failed (%d in a row); retrying", self.name, self.failures)
-                await _mark_failed(conn, self.name)
+                if self.leading:  # a standby's failure says nothing about the projection
+                    await _mark_failed(conn, self.name)
                 await asyncio.sleep(FAILURE_BACKOFF_S[min(self.failures, len(FAILURE_BACKOFF_S)) - 1])
             finally:
                 self.leading = False
