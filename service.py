@@ -44,6 +44,9 @@ BATCH_MAX_BYTES = 8 * 1024 * 1024
 BATCH_MAX_LINES = 10_000
 PAGE_LIMIT_MAX = 1000
 MIN_POSITION_WAIT_MS = 2000
+BODY_READ_S = 5.0  # a body of at most 64 KiB arrives within this (else 408)
+BATCH_READ_S = 60.0  # an 8 MiB batch at >= 140 KB/s
+KEEPALIVE_S = 15.0  # idle connections, and request heads that never finish, are closed after this
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 NDJSON = "application/x-ndjson"
@@ -383,7 +386,15 @@ def allow(roles: frozenset[str]) -> Callable[[Handler], Handler]:
 
 
 async def read_body(request: web.Request, limit: int = BODY_MAX_BYTES, media: str = JSON) -> bytes:
-    body = await request.read()
+    if request.content_length is not None and request.content_length > limit:  # refused before it is read
+        raise HttpProblem(413, "body_too_large", f"the body is {request.content_length} bytes; at most {limit}")
+    # A client that sends its body slowly (or never) does not hold the request past this.
+    read_s = BATCH_READ_S if limit > BODY_MAX_BYTES else BODY_READ_S
+    try:
+        body = await asyncio.wait_for(request.read(), read_s)
+    except asyncio.TimeoutError:
+        raise HttpProblem(408, "body_timeout", f"the body did not arrive within {read_s:g} s",
+                          {"Connection": "close"}) from None
     if len(body) > limit:
         raise HttpProblem(413, "body_too_large", f"the body is {len(body)} bytes; at most {limit}")
     if body and request.content_type != media:
@@ -402,6 +413,8 @@ def decode(body: bytes, type_: type, **path_fields: str):
         raise validation_problem(error) from None
     except msgspec.DecodeError as error:
         raise HttpProblem(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise HttpProblem(400, "json_too_deep", "the body nests deeper than the decoder allows") from None
     if path_fields:
         command = msgspec.structs.replace(command, **path_fields)
     return command
@@ -588,6 +601,8 @@ def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
         return validation_problem(error)
     except msgspec.DecodeError as error:
         return HttpProblem(400, "malformed_json", f"line {number} is not valid JSON: {error}")
+    except RecursionError:  # msgspec's depth limit (~1000); a 500 for the whole batch before (test_hostile_input.py)
+        return HttpProblem(400, "json_too_deep", f"line {number} nests deeper than the decoder allows")
 
 
 async def batch_line(request: web.Request, parsed: BatchLine | HttpProblem) -> tuple[int, bytes]:
@@ -854,7 +869,7 @@ def build_openapi() -> dict[str, Any]:
                             "content": {JSON: {"schema": schema}}},
             "responses": {
                 "201": {"description": "Appended", "content": {JSON: {"schema": {"type": "object"}}}},
-                **_errors(400, 401, 403, 404, 409, 412, 413, 415, 422, 429, 503),
+                **_errors(400, 401, 403, 404, 408, 409, 412, 413, 415, 422, 429, 503),
             },
         }
     for path, summary, roles, query in READS:
@@ -873,13 +888,13 @@ def build_openapi() -> dict[str, Any]:
         # NDJSON is no JSON value, so its schema constrains nothing; an empty body has no lines.
         "requestBody": {"required": False, "content": {NDJSON: {"schema": {"description": "one command object per line"}}}},
         "responses": {"200": {"description": "Results", "content": {NDJSON: {"schema": {"type": "string"}}}},
-                      **_errors(401, 403, 413, 415, 429, 503)},
+                      **_errors(401, 403, 408, 413, 415, 429, 503)},
     }}
     paths["/v1/api-keys"] = {"post": {
         "summary": "Create an API key (shown once)", "security": security, "x-roles": ["admin"],
         "requestBody": {"required": True, "content": {JSON: {"schema": schemas[-1]}}},
         "responses": {"201": {"description": "Created", "content": {JSON: {"schema": {"type": "object"}}}},
-                      **_errors(400, 401, 403, 415, 422, 429)},
+                      **_errors(400, 401, 403, 408, 413, 415, 422, 429, 503)},
     }}
     paths["/v1/jobs/{name}"] = {"post": {
         "summary": "Run a time job at as_of", "security": security, "x-roles": ["admin"],
@@ -977,7 +992,10 @@ async def serve(host: str, port: int) -> None:
     url, pool = await open_database()
     programme = load_programme()
     app = create_app(pool, programme)
-    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=30)
+    keepalive_s = float(os.environ.get("LOYALTY_KEEPALIVE_S", KEEPALIVE_S))
+    # lingering_time: after answering a request whose body never came, drain it for 2 s at most, then close.
+    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=30, keepalive_timeout=keepalive_s,
+                           lingering_time=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
