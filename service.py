@@ -38,6 +38,7 @@ from ledger.store import MAX_WAIT_MS, EventStore
 from ledger.views import balance, tier_view
 
 log = logging.getLogger("loyalty.service")
+audit_log = logging.getLogger("loyalty.audit")
 
 BODY_MAX_BYTES = 64 * 1024
 BATCH_MAX_BYTES = 8 * 1024 * 1024
@@ -374,6 +375,9 @@ def allow(roles: frozenset[str]) -> Callable[[Handler], Handler]:
                 raise HttpProblem(429, "rate_limited", "too many requests for this key; slow down",
                                   {"Retry-After": str(max(1, int(wait_s + 0.999)))})
             request[PRINCIPAL] = principal
+            if principal.role == "admin" and request.method != "GET":
+                # Who did an admin action (rebuilds and key creation append no event to say so).
+                audit_log.info("%s %s by %s (key %s)", request.method, request.path_qs, principal.name, principal.key_id)
             return await handler(request)
 
         guarded.roles = roles  # type: ignore[attr-defined]
