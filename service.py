@@ -36,6 +36,7 @@ from ledger.jobs import JOBS, run_job
 from ledger.programme import Programme, load_programme
 from ledger.store import MAX_WAIT_MS, EventStore
 from ledger.views import balance, tier_view
+from projections.members import rfm
 
 log = logging.getLogger("loyalty.service")
 audit_log = logging.getLogger("loyalty.audit")
@@ -653,7 +654,10 @@ async def member_state(request: web.Request, at: datetime | None = None):
 async def get_member(request: web.Request) -> web.StreamResponse:
     ledger = request.app[LEDGER]
     state = await member_state(request)
-    return json_response(member_view(state, ledger.clock(), ledger.programme))
+    now = ledger.clock()
+    view = member_view(state, now, ledger.programme)
+    view.update(rfm(state.purchases.values(), now, ledger.programme).as_dict())
+    return json_response(view)
 
 
 @allow(READER)

@@ -289,3 +289,18 @@ async def test_a_job_run_from_two_processes_at_once_appends_nothing_twice(databa
     finally:
         for pool in pools:
             await pool.close()
+
+
+async def test_the_member_profile_shows_status_lifecycle_and_rfm(api):
+    answer = await api.enrol("m1")
+    status, profile, _ = await api.get("/v1/members/m1", role="checkout")
+    assert profile["status"] == "prospect" and profile["lifecycle"] == "prospect" and profile["orders_365d"] == 0
+    for n in range(4):
+        await api.purchase("m1", f"p{n}", 10000)
+    status, profile, _ = await api.get("/v1/members/m1", role="reader")
+    assert profile["status"] == "member" and profile["lifecycle"] == "loyal"
+    assert (profile["orders_365d"], profile["spend_365d_cents"], profile["recency_days"]) == (4, 40000, 0)
+    assert profile["balance"]["pending"] == 40 and profile["tier"]["tier"] == "regular"
+    api.clock.advance(days=181)
+    status, profile, _ = await api.get("/v1/members/m1")
+    assert profile["lifecycle"] == "dormant" and profile["recency_days"] == 181
