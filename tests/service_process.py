@@ -378,3 +378,27 @@ async def terminate_backends(database_url: str, application_name: str | None = N
         )
     finally:
         await conn.close()
+
+
+# -- the command line and the projections ---------------------------------------------
+
+
+def run_cli(database_url: str, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``loyalty <args>`` on ``database_url`` (as `python -m service`), output captured."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
+    environment.update(DATABASE_URL=database_url, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+async def wait_for_projections(client: Client, timeout_s: float = 60) -> list[dict]:
+    """Until every projection has applied the whole log (GET /v1/projections), or AssertionError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body, _ = await client.get("/v1/projections")
+        assert status == 200, body
+        listed = body["projections"]
+        if all(p["lag_events"] == 0 and p["state"] == "live" for p in listed):
+            return listed
+        assert time.monotonic() < deadline, f"projections did not catch up: {listed}"
+        await asyncio.sleep(0.1)

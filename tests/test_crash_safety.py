@@ -10,6 +10,7 @@ what the clients were told.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -25,6 +26,8 @@ from tests.service_process import (
     assert_log_is_well_formed,
     create_key,
     read_all_events,
+    run_cli,
+    wait_for_projections,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -176,10 +179,134 @@ async def test_sigkill_mid_load_loses_no_acknowledged_command_and_doubles_none(d
             as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
             balances = await assert_balances_equal_replay(admin, events, as_of)
             assert all(b["available"] >= 0 for b in balances.values())
+
+            # The service's own projectors were killed with it: they agree with the log once caught up.
+            await wait_for_projections(admin)
+            replay = await asyncio.to_thread(run_cli, database_url, "replay")
+            assert replay.returncode == 0, replay.stdout[-4000:] + replay.stderr[-4000:]
     finally:
         service.close()
 
 
-async def test_projector_killed_mid_batch_resumes_exactly_once():
-    pytest.skip("no projector worker (`loyalty project`) exists yet: issue 5 builds it; "
-                "this test kills it mid-batch once it does")
+async def post_batch(session: aiohttp.ClientSession, service: ServiceProcess, key: str, lines: list[dict]) -> list[dict]:
+    body = "".join(json.dumps(line) + "\n" for line in lines)
+    async with session.post(f"{service.url}/v1/batch", data=body,
+                            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}) as response:
+        assert response.status == 200, await response.text()
+        results = [json.loads(line) for line in (await response.text()).splitlines()]
+    assert all(r["status"] == 201 for r in results), [r for r in results if r["status"] != 201][:3]
+    return results
+
+
+def purchases(members: int, per_member: int, tag: str, backdated: str) -> list[dict]:
+    return [{"op": "purchase", "member_id": f"m{m}", "idempotency_key": f"{tag}-{m}-{n}",
+             "body": {"purchase_id": f"{tag}-{n}", "store_id": "s1", "amount_cents": 1_000 + 7 * n, "occurred_at": backdated}}
+            for n in range(per_member) for m in range(members)]
+
+
+async def test_projector_killed_mid_batch_resumes_and_applies_every_event_exactly_once(database_url):
+    backdated = (datetime.now(timezone.utc) - timedelta(days=10)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    # The service runs no projector of its own: the worker is the only one, and it is the one killed.
+    service = ServiceProcess(database_url, env={"LOYALTY_PROJECTORS": "off"})
+    worker = ServiceProcess(database_url, command=("project",))
+    try:
+        await service.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            admin = Client(session, service.url, service.admin_key)
+            await post_batch(session, service, service.admin_key,
+                             [{"op": "enrol", "member_id": f"m{m}", "body": {}} for m in range(40)])
+            await post_batch(session, service, service.admin_key, purchases(40, 60, "a", backdated))
+
+            kills = 0
+            worker.spawn()
+            while kills < 3:
+                # Kill while the projector is behind, so a batch is most likely half applied.
+                status, body, _ = await admin.get("/v1/projections")
+                positions = [p["position"] for p in body["projections"]]
+                head = body["projections"][0]["head"]
+                if any(0 < position < head for position in positions):
+                    worker.kill()
+                    kills += 1
+                    if kills == 2:  # more load while no projector runs
+                        await post_batch(session, service, service.admin_key, purchases(40, 20, "b", backdated))
+                    worker.spawn()
+                else:
+                    await asyncio.sleep(0.002)
+            await wait_for_projections(admin, timeout_s=90)
+
+            replay = await asyncio.to_thread(run_cli, database_url, "replay")
+            assert replay.returncode == 0, replay.stdout[-4000:] + replay.stderr[-4000:]
+            events = await read_all_events(admin)
+            as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+            balances = await assert_balances_equal_replay(admin, events, as_of)
+            status, liability, _ = await admin.get("/v1/programme/liability", as_of=as_of.isoformat())
+            assert status == 200, liability
+            assert liability["earned"] == sum(b["lifetime_earned"] for b in balances.values())
+            assert liability["outstanding"] == sum(b["available"] + b["pending"] for b in balances.values())
+    finally:
+        worker.close()
+        service.close()
+
+
+async def test_export_then_import_into_an_empty_database_reproduces_the_head_hash_and_the_balances(
+        database_url, blank_database_url, tmp_path):
+    """The recovery drill: the log alone, exported and imported (in two goes), rebuilds the same ledger."""
+    backdated = (datetime.now(timezone.utc) - timedelta(days=10)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    expires = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(minutes=1)
+    members = 12
+    history = [{"op": "enrol", "member_id": f"m{m}", "body": {"identities": [{"type": "phone", "value": f"1380000{m:04}"}]}}
+               for m in range(members)]
+    history += purchases(members, 8, "p", backdated)
+    for m in range(members):
+        history += [
+            {"op": "return", "member_id": f"m{m}", "body": {"return_id": "x1", "purchase_id": "p-1", "amount_cents": 500}},
+            {"op": "redemption", "member_id": f"m{m}", "body": {"redemption_id": "r1", "points": 2}},
+            {"op": "adjustment", "member_id": f"m{m}", "body": {"adjustment_id": "a1", "points": 5 + m, "reason": "drill"}},
+            {"op": "coupon_issue", "member_id": f"m{m}",
+             "body": {"coupon_id": "c1", "template": "T", "value_cents": 500, "expires_at": expires}},
+            {"op": "coupon_redemption", "member_id": f"m{m}",
+             "body": {"coupon_id": "c1", "order_ref": "o1", "order_amount_cents": 900}},
+        ]
+    export_file = tmp_path / "log.jsonl"
+    async with ServiceProcess(database_url) as original, aiohttp.ClientSession() as session:
+        await post_batch(session, original, original.admin_key, history)
+        source = Client(session, original.url, original.admin_key)
+        source_report = await assert_chain_verifies(source)
+        source_events = await read_all_events(source)
+        source_views = {}
+        for m in range(members):
+            for view in ("balance", "tier"):
+                status, body, _ = await source.get(f"/v1/members/m{m}/{view}", as_of=as_of.isoformat())
+                assert status == 200, body
+                source_views[(m, view)] = body
+        exported = await asyncio.to_thread(run_cli, database_url, "export", "--out", str(export_file))
+        assert exported.returncode == 0, exported.stderr[-3000:]
+
+    lines = export_file.read_bytes().splitlines(keepends=True)
+    assert len(lines) == source_report["head_position"]
+    half = tmp_path / "half.jsonl"
+    half.write_bytes(b"".join(lines[: len(lines) // 2]))  # an import interrupted half way...
+    for file in (half, export_file):  # ...and run again with the whole file: it resumes
+        imported = await asyncio.to_thread(run_cli, blank_database_url, "import", str(file))
+        assert imported.returncode == 0, imported.stderr[-3000:]
+    verified = await asyncio.to_thread(run_cli, blank_database_url, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr[-3000:]
+    report = json.loads(verified.stdout.strip().splitlines()[-1])
+    assert (report["head_position"], report["head_hash"]) == (source_report["head_position"], source_report["head_hash"])
+
+    async with ServiceProcess(blank_database_url) as restored, aiohttp.ClientSession() as session:
+        target = Client(session, restored.url, restored.admin_key)
+        assert await read_all_events(target) == source_events
+        for (m, view), expected in source_views.items():
+            status, body, _ = await target.get(f"/v1/members/m{m}/{view}", as_of=as_of.isoformat())
+            assert (status, body) == (200, expected), (m, view)
+        status, body, _ = await target.get("/v1/identities/phone/13800000003")
+        assert body == {"member_id": "m3"}
+        # A natural id used before the export still refuses a second effect after it.
+        status, body, _ = await target.post("/v1/members/m0/purchases",
+                                            {"purchase_id": "p-0", "store_id": "s1", "amount_cents": 99_999})
+        assert status == 409 and body["code"] == "duplicate_id", body
+        await wait_for_projections(target)
+        replay = await asyncio.to_thread(run_cli, blank_database_url, "replay")
+        assert replay.returncode == 0, replay.stdout[-4000:]
