@@ -6,7 +6,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test bench bench-quick clean
+.PHONY: serve test bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PYTHON) || python3 -m venv $(VENV) || \
@@ -38,6 +38,12 @@ bench: $(BENCH_STAMP)
 # The same, smaller and shorter (under 2 minutes).
 bench-quick: $(BENCH_STAMP)
 	$(PYTHON) -m bench.run --quick
+
+# Ten minutes (SOAK_SECONDS) of mixed load with faults injected (connections
+# cut, the service killed and restarted): nothing lost or doubled, memory flat.
+# Writes bench/results/soak.json. Not run in CI.
+soak: $(STAMP)
+	$(PYTHON) -m bench.soak
 
 # Removes the environment and caches; the service's data in .loyalty/ is kept.
 clean:
