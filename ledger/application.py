@@ -46,6 +46,10 @@ log = logging.getLogger("loyalty.application")
 
 MAX_CONFLICT_RETRIES = 20
 CACHE_MEMBERS_MAX = 100_000
+# The cache is bounded by its members' events too: a state grows with its
+# history (~350 bytes of Python objects per event), so a member count alone
+# does not bound memory. 500,000 events is ~175 MB (bench/README.md).
+CACHE_EVENTS_MAX = 500_000
 # A snapshot is written when a member has this many events past the last one,
 # so a cold load reads at most this many events whatever the history's length.
 SNAPSHOT_EVERY_EVENTS = 100
@@ -91,6 +95,8 @@ class Ledger:
         self.programme = programme
         self.clock = clock
         self._states: OrderedDict[str, MemberState] = OrderedDict()
+        self._cached_events: dict[str, int] = {}  # each cached state's version when last remembered
+        self._cached_events_total = 0
         self._snapshot_versions: dict[str, int] = {}
         self._locks = KeyedLocks()
 
@@ -109,6 +115,7 @@ class Ledger:
         same for a member with 5 events and one with 5,000.
         """
         state = self._states.pop(stream_id, None)
+        self._cached_events_total -= self._cached_events.pop(stream_id, 0)
         if state is None:
             state = await self.store.load_snapshot(stream_id, MemberState) or MemberState()
             if state.version:
@@ -137,13 +144,21 @@ class Ledger:
         return state
 
     def _remember(self, stream_id: str, state: MemberState) -> None:
+        """Cache (or re-cache, after it grew) a state; evict the least recently used beyond the bounds."""
         self._states[stream_id] = state
-        if len(self._states) > CACHE_MEMBERS_MAX:
+        self._states.move_to_end(stream_id)
+        self._cached_events_total += state.version - self._cached_events.get(stream_id, 0)
+        self._cached_events[stream_id] = state.version
+        while len(self._states) > CACHE_MEMBERS_MAX or (
+            self._cached_events_total > CACHE_EVENTS_MAX and len(self._states) > 1
+        ):
             evicted, _state = self._states.popitem(last=False)
+            self._cached_events_total -= self._cached_events.pop(evicted, 0)
             self._snapshot_versions.pop(evicted, None)
 
     def forget(self, stream_id: str) -> None:
         self._states.pop(stream_id, None)
+        self._cached_events_total -= self._cached_events.pop(stream_id, 0)
         self._snapshot_versions.pop(stream_id, None)
 
     async def state_as_of(self, stream_id: str, at: datetime) -> MemberState:
@@ -270,6 +285,7 @@ class Ledger:
                 self.forget(stream_id)  # the in-place evolve may have run
                 raise
             status, body = append.answer
+            self._remember(stream_id, state)  # it grew: count its new events against the cache's bound
             try:  # the state now includes the events just appended
                 await self._maybe_snapshot(stream_id, state)
             except Exception:  # a snapshot is only a cache; the command has succeeded
