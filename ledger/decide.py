@@ -341,13 +341,20 @@ def _coupon(state: MemberState, coupon_id: str):
     return coupon
 
 
+def _coupon_time(command, coupon, programme: Programme, now: datetime) -> datetime:
+    """A coupon command's business time: in the window, and not before the coupon was issued."""
+    at = business_time(command.occurred_at, programme, now)
+    _not_before(at, coupon.issued_at, "the coupon's issue")
+    return at
+
+
 def _not_redeemable(reason: str, detail: str) -> Refusal:
     return Refusal(409, "coupon_not_redeemable", detail, reason=reason)
 
 
 def _redeem_coupon(state: MemberState, command: cmd.RedeemCoupon, programme: Programme, now: datetime):
     coupon = _coupon(state, command.coupon_id)
-    at = business_time(command.occurred_at, programme, now)
+    at = _coupon_time(command, coupon, programme, now)
     status = coupon.status_at(at)
     if status != "issued":
         raise _not_redeemable(status if status != "redeemed" else "already_redeemed", f"the coupon is {status}")
@@ -367,14 +374,14 @@ def _reverse_coupon_redemption(state: MemberState, command: cmd.ReverseCouponRed
     coupon = _coupon(state, command.coupon_id)
     if coupon.status != "redeemed":
         raise Refusal(409, "coupon_not_redeemed", f"the coupon is {coupon.status}; only a redeemed coupon can be reversed")
-    at = business_time(command.occurred_at, programme, now)
+    at = _coupon_time(command, coupon, programme, now)
     _not_before(at, coupon.redeemed_at or at, "the coupon redemption")
     return [Decided(at, ev.CouponRedemptionReversed(coupon_id=coupon.coupon_id, order_ref=coupon.order_ref or ""))]
 
 
 def _void_coupon(state: MemberState, command: cmd.VoidCoupon, programme: Programme, now: datetime):
     coupon = _coupon(state, command.coupon_id)
-    at = business_time(command.occurred_at, programme, now)
+    at = _coupon_time(command, coupon, programme, now)
     if coupon.status_at(at) != "issued":
         raise _not_redeemable(coupon.status_at(at), f"only an issued coupon can be voided; it is {coupon.status_at(at)}")
     return [Decided(at, ev.CouponVoided(coupon_id=coupon.coupon_id, reason=command.reason))]

@@ -59,11 +59,14 @@ class Bucket:
         if not self.movements or all(moment <= at for moment, _ in self.movements):
             return self.remaining
         held = self.amount + sum(delta for moment, delta in self.movements if moment <= at)
+        later: dict[datetime, int] = {}
+        for moment, delta in self.movements:
+            if moment > at:  # a view sees all of a moment's movements at once
+                later[moment] = later.get(moment, 0) + delta
         lowest = held
-        for moment, delta in sorted(self.movements):
-            if moment > at:
-                held += delta
-                lowest = min(lowest, held)
+        for moment in sorted(later):
+            held += later[moment]
+            lowest = min(lowest, held)
         return lowest
 
     def burn_order(self) -> tuple[datetime, datetime, int]:
@@ -115,6 +118,7 @@ class Coupon:
     expires_at: datetime
     source: str
     points_cost: int
+    issued_at: datetime
     status: str = "issued"  # issued | redeemed | voided; "expired" is read by date
     order_ref: str | None = None
     redeemed_at: datetime | None = None
@@ -323,6 +327,7 @@ def _coupon_issued(state: MemberState, event: ev.CouponIssued, fact: Fact) -> No
         expires_at=event.expires_at,
         source=event.source,
         points_cost=event.points_cost,
+        issued_at=fact.occurred_at,
     )
     if event.buckets:
         _burn(state, event.buckets, event.unexpired, fact)
