@@ -5,7 +5,7 @@
 Each round runs ``default`` then the variant (bench/variant.py), each on a
 fresh database with the same members, the same wrk load (64 connections) and
 the projectors off (the write path alone, so the projector's share does not
-blur the difference). The machine is shared and noisy, so rounds are
+blur the difference; BENCH_PROJECTORS=on to keep them). The machine is shared and noisy, so rounds are
 interleaved and the median ratio is what counts. ``workers2`` is two
 ``reuse_port`` processes on one port. Writes bench/results/experiments.json.
 """
@@ -26,8 +26,11 @@ from bench.run import RESULTS, enrol, purchase_load, say
 MEMBERS = 2000
 
 
+PROJECTORS = os.environ.get("BENCH_PROJECTORS", "off")
+
+
 def variant_processes(variant: str, url: str, log_dir) -> list[Process]:
-    extra = {"LOYALTY_PROJECTORS": "off"}
+    extra = {"LOYALTY_PROJECTORS": PROJECTORS}
     if variant == "workers2":
         port = free_port()
         processes = [service_process(url, log_dir, extra, port=port) for _ in range(2)]

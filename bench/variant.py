@@ -11,7 +11,9 @@ Variants (each a patch applied before the service starts, nothing else):
 - ``light_reset``: the pool returns a connection without asyncpg's reset round trip
   (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), rolling back only
   when a transaction was left open;
-- ``reuse_port``: the listening socket with SO_REUSEPORT, so that several processes share the port.
+- ``reuse_port``: the listening socket with SO_REUSEPORT, so that several processes share the port;
+- ``gc``: the cyclic garbage collector tuned for a large long-lived heap (the member cache):
+  ``gc.freeze()`` after start-up and generation 0 collected every 50,000 allocations, not 700.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def apply(variant: str) -> None:
 
         assert original is not None
         database.create_pool = create_pool
+        return
+    if variant == "gc":
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         return
     if variant == "reuse_port":
         from aiohttp import web
