@@ -55,11 +55,11 @@ from tests.service_process import (
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "8"))
-MEMBERS = int(os.environ.get("SOAK_MEMBERS", "200"))
+MEMBERS = int(os.environ.get("SOAK_MEMBERS", "2000"))
 FAULT_EVERY_S = float(os.environ.get("SOAK_FAULT_EVERY_S", "20"))
 RSS_EVERY_S = float(os.environ.get("SOAK_RSS_EVERY_S", "1"))
 RSS_GROWTH_MAX = 0.10
-WARMUP_SHARE = 0.25  # of the last service run, before RSS is held to the 10%
+WARMUP_SHARE = 0.4  # of the last service run (the cache refilling), before RSS is held to the 10%
 RETRY_GIVE_UP_S = 120.0  # a request still unanswered this long after the load stopped counts as lost
 
 
@@ -229,10 +229,21 @@ def memory_verdict(samples: list[tuple[float, float, int]]) -> dict:
             "samples_in_last_run": len(run)}
 
 
+async def retrying(make_check, attempts: int = 20):
+    """A check through the API, retried while the last fault's 503s are still being answered."""
+    for attempt in range(attempts):
+        try:
+            return await make_check()
+        except AssertionError as failure:
+            if "503" not in str(failure) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def verify(soak: Soak, session: aiohttp.ClientSession) -> dict:
     admin = Client(session, soak.service.url, soak.service.admin_key)
     checks: dict = {}
-    events = await read_all_events(admin)
+    events = await retrying(lambda: read_all_events(admin))
     checks["events"] = len(events)
     try:
         assert_log_is_well_formed(events)
@@ -252,14 +263,14 @@ async def verify(soak: Soak, session: aiohttp.ClientSession) -> dict:
                   refused=sum(1 for s in soak.sent if s.status not in (None, 201)),
                   unanswered=len(unanswered), lost=len(lost), doubled=len(doubled), refused_but_applied=len(phantom),
                   examples={"lost": lost[:5], "doubled": doubled[:5], "refused_but_applied": phantom[:5]})
+    as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
     for name, check in (
-        ("chain_verifies", assert_chain_verifies(admin)),
-        ("balances_equal_replay", assert_balances_equal_replay(
-            admin, events, datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1))),
-        ("projections_caught_up", wait_for_projections(admin, timeout_s=300)),
+        ("chain_verifies", lambda: assert_chain_verifies(admin)),
+        ("balances_equal_replay", lambda: assert_balances_equal_replay(admin, events, as_of)),
+        ("projections_caught_up", lambda: wait_for_projections(admin, timeout_s=300)),
     ):
         try:
-            await check
+            await retrying(check)
             checks[name] = True
         except AssertionError as failure:
             checks[name] = f"FAILED: {str(failure)[:500]}"
@@ -272,16 +283,21 @@ async def soak_run() -> dict:
     db = Database()
     try:
         url = await db.fresh("loyalty_soak")
-        service = ServiceProcess(url)
+        # A member's cached state grows with its history, and the cache is bounded by events
+        # (ledger/application.py): a small bound is reached in the first minutes, so the RSS
+        # measured after it shows whatever else would grow.
+        service = ServiceProcess(url, env={"LOYALTY_CACHE_EVENTS": os.environ.get("SOAK_CACHE_EVENTS", "20000")})
         await service.start(timeout_s=120)
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
                 key = await create_key(session, service, "checkout", "soak")
                 reader_key = await create_key(session, service, "reader", "soak-reader")
                 admin = Client(session, service.url, service.admin_key)
-                for m in range(MEMBERS):
-                    status, body, _ = await admin.post("/v1/members", {"member_id": f"m{m}"})
-                    assert status == 201, body
+                enrolments = "".join(json.dumps({"op": "enrol", "member_id": f"m{m}", "body": {}}) + "\n"
+                                     for m in range(MEMBERS))
+                async with session.post(f"{service.url}/v1/batch", data=enrolments, headers={
+                        "Authorization": f"Bearer {service.admin_key}", "Content-Type": "application/x-ndjson"}) as response:
+                    assert response.status == 200 and '"status":201' in await response.text()
                 soak = Soak(service, key, reader_key)
                 soak.up.set()
                 say(f"{SECONDS:.0f} s, {CLIENTS} clients, {MEMBERS} members, a fault every {FAULT_EVERY_S:.0f} s")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ CACHE_MEMBERS_MAX = 100_000
 # The cache is bounded by its members' events too: a state grows with its
 # history (~350 bytes of Python objects per event), so a member count alone
 # does not bound memory. 500,000 events is ~175 MB (bench/README.md).
-CACHE_EVENTS_MAX = 500_000
+CACHE_EVENTS_MAX = int(os.environ.get("LOYALTY_CACHE_EVENTS", "500000"))  # the soak sets it low to reach it
 # A snapshot is written when a member has this many events past the last one,
 # so a cold load reads at most this many events whatever the history's length.
 SNAPSHOT_EVERY_EVENTS = 100
