@@ -162,7 +162,7 @@ async def test_connections_terminated_under_load_answer_503_never_500_and_lose_n
         assert time.monotonic() - started < 5, "the long poll did not wake: the listener was not re-established"
 
 
-async def test_database_down_answers_503_with_retry_after_and_recovers_by_itself(database_url):
+async def test_database_down_or_restarted_answers_503_with_retry_after_and_recovers_by_itself(database_url):
     proxy = await FaultyProxy(database_url).start()
     service = ServiceProcess(proxy.proxied_url)
     try:
@@ -198,6 +198,22 @@ async def test_database_down_answers_503_with_retry_after_and_recovers_by_itself
             # No restart: the service finds the database again by itself.
             for path, body, idem in refused:
                 await retrying.send(session, path, body, idem, deadline_s=30)
+
+            # A restart under load: writes in flight when the database goes away are retried
+            # with their keys until answered, and each lands once.
+            async def client(number: int):
+                for n in range(25):
+                    path, body, idem = purchase(f"m{n % 2}", n, 10 + number)
+                    sent[idem] = (path, body)
+                    await retrying.send(session, path, body, idem, deadline_s=60)
+
+            load = asyncio.gather(*(client(c) for c in range(4)))
+            for _restart in range(2):
+                await asyncio.sleep(0.3)
+                await proxy.refuse()
+                await asyncio.sleep(1.0)
+                await proxy.heal()
+            await asyncio.wait_for(load, 90)
             status, answer, _ = await admin.get("/readyz")
             assert status == 200, answer
             await assert_everything_once(admin, sent, retrying.answers)
