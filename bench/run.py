@@ -63,9 +63,9 @@ class Plan:
 
 def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
     if quick:
-        return Plan(name or "quick", True, members=2000, duration_s=4, warmup_s=1,
+        return Plan(name or "quick", True, members=1000, duration_s=4, warmup_s=1,
                     stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 60_000)),
-                    import_lines=8_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
+                    import_lines=6_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
                     es_seconds=3, check_members=100, profile=profile, rounds=1)
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3,
                 stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 1_000_000)),
