@@ -1,0 +1,202 @@
+"""The programme's state machine pointed at the application layer on a real database.
+
+The same random histories as tests/test_programme_model.py, but every command
+goes through ``Ledger.execute`` (idempotency keys, natural ids, the store's
+hash chain and group commit on PostgreSQL) and every read through the
+application's member state. Each accepted command is sent a second time with
+the same Idempotency-Key: the answer must be the first one, and the log must
+not move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from datetime import datetime
+
+import asyncpg
+import msgspec
+import pytest
+from hypothesis import settings
+
+from ledger import commands as cmd
+from ledger.application import Ledger
+from ledger.clock import ManualClock
+from ledger.database import create_pool, database_url_for, quote_ident
+from ledger.jobs import run_job
+from ledger.programme import Programme
+from ledger.store import EventStore
+from ledger.views import balance, tier_view
+from tests.model import Duplicate, Refused
+from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, ShortClocks
+
+SERVER: dict[str, str] = {}
+_databases = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _server(database_server_url, template_database):
+    """The state machine makes its own databases (one per example) from the template."""
+    SERVER.update(url=database_server_url, template=template_database)
+
+
+def _pairs(parts) -> list[tuple[str, int]]:
+    return [(part["bucket_id"], part["points"]) for part in parts]
+
+
+class AppDriver(Driver):
+    """Commands through ``Ledger.execute``, reads through the application's state, on PostgreSQL."""
+
+    def __init__(self, programme: Programme, now: datetime) -> None:
+        self.programme = programme
+        self.clock = ManualClock(now)
+        self.loop = asyncio.new_event_loop()
+        self.keys = itertools.count(1)
+        self.database = f"loyalty_sm_{os.getpid()}_{next(_databases)}"
+        self.run(self._open())
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    async def _admin(self, statement: str) -> None:
+        conn = await asyncpg.connect(SERVER["url"])
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def _open(self) -> None:
+        await self._admin(f"CREATE DATABASE {quote_ident(self.database)} TEMPLATE {quote_ident(SERVER['template'])}")
+        self.pool = await create_pool(database_url_for(SERVER["url"], self.database), min_size=1, max_size=4)
+        self.ledger = Ledger(EventStore(self.pool, self.clock), self.programme, self.clock)
+        self.ledger.store.start_group_commit()
+
+    def close(self) -> None:
+        async def shut() -> None:
+            await self.ledger.store.stop_group_commit()
+            await self.pool.close()
+            await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE)")
+
+        self.run(shut())
+        self.loop.close()
+
+    def set_now(self, now: datetime) -> None:
+        self.clock.set(now)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _execute(self, operation: str, member_id: str, command: cmd.Command):
+        """Run a command with a fresh key, then again with the same key: one effect, one answer."""
+        key = f"k{next(self.keys)}"
+        first = self.run(self.ledger.execute(operation, member_id, command, actor="state-machine", idempotency_key=key))
+        head = self.run(self.ledger.store.head())
+        again = self.run(self.ledger.execute(operation, member_id, command, actor="state-machine", idempotency_key=key))
+        assert (again.status, again.body, again.replayed) == (first.status, first.body, True), (operation, first, again)
+        assert self.run(self.ledger.store.head()) == head, "a replay with the same key appended"
+        body = msgspec.json.decode(first.body)
+        if first.replayed or body.get("code") == "duplicate_id":
+            return Duplicate(operation)
+        if first.status >= 400:
+            return Refused(first.status, body["code"], body.get("reason"))
+        return body
+
+    def enrol(self, member_id, birthday=None, enrolled_at=None):
+        out = self._execute("enrol", member_id, cmd.Enrol(member_id=member_id, birthday=birthday, enrolled_at=enrolled_at))
+        if isinstance(out, dict):
+            return {"coupons": [coupon["coupon_id"] for coupon in out["coupons"]]}
+        return out
+
+    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None):
+        command = cmd.RecordPurchase(purchase_id=purchase_id, store_id="s1", amount_cents=amount_cents, occurred_at=occurred_at)
+        return self._execute("purchase", member_id, command)
+
+    def ret(self, member_id, return_id, purchase_id, amount_cents, occurred_at=None):
+        command = cmd.RecordReturn(return_id=return_id, purchase_id=purchase_id, amount_cents=amount_cents, occurred_at=occurred_at)
+        out = self._execute("return", member_id, command)
+        return {**out, "buckets": _pairs(out["buckets"])} if isinstance(out, dict) else out
+
+    def redeem(self, member_id, redemption_id, points, occurred_at=None):
+        out = self._execute("redemption", member_id, cmd.Redeem(redemption_id=redemption_id, points=points, occurred_at=occurred_at))
+        return {**out, "consumed": _pairs(out["consumed"])} if isinstance(out, dict) else out
+
+    def reverse(self, member_id, redemption_id, occurred_at=None):
+        command = cmd.ReverseRedemption(redemption_id=redemption_id, occurred_at=occurred_at)
+        out = self._execute("redemption_reversal", member_id, command)
+        if isinstance(out, dict):
+            return {**out, "restored": _pairs(out["restored"]), "expired": _pairs(out["expired"])}
+        return out
+
+    def adjust(self, member_id, adjustment_id, points, occurred_at=None):
+        command = cmd.Adjust(adjustment_id=adjustment_id, points=points, reason="goodwill", occurred_at=occurred_at)
+        return self._execute("adjustment", member_id, command)
+
+    def issue_coupon(self, member_id, coupon_id, template, value_cents, min_spend_cents, expires_at,
+                     valid_from=None, points_cost=None, occurred_at=None):
+        command = cmd.IssueCoupon(
+            coupon_id=coupon_id, template=template, value_cents=value_cents, min_spend_cents=min_spend_cents,
+            expires_at=expires_at, valid_from=valid_from, points_cost=points_cost, occurred_at=occurred_at,
+        )
+        return self._execute("coupon_issue", member_id, command)
+
+    def redeem_coupon(self, member_id, coupon_id, order_amount_cents, occurred_at=None):
+        command = cmd.RedeemCoupon(coupon_id=coupon_id, order_ref="o1", order_amount_cents=order_amount_cents, occurred_at=occurred_at)
+        return self._execute("coupon_redemption", member_id, command)
+
+    def reverse_coupon(self, member_id, coupon_id, occurred_at=None):
+        command = cmd.ReverseCouponRedemption(coupon_id=coupon_id, occurred_at=occurred_at)
+        return self._execute("coupon_redemption_reversal", member_id, command)
+
+    def void_coupon(self, member_id, coupon_id, occurred_at=None):
+        command = cmd.VoidCoupon(coupon_id=coupon_id, reason="fraud", occurred_at=occurred_at)
+        return self._execute("coupon_void", member_id, command)
+
+    def run_job(self, name, as_of):
+        report = self.run(run_job(self.ledger, name, as_of))
+        again = self.run(run_job(self.ledger, name, as_of))
+        assert again["appended"] == 0 and again["position"] == report["position"], "a job run twice appended twice"
+        return {"appended": report["appended"]}
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _as_of(self, member_id: str, at: datetime):
+        return self.run(self.ledger.state_as_of(member_id, at))
+
+    def balance(self, member_id, at):
+        b = balance(self._as_of(member_id, at), at)
+        return {name: getattr(b, name) for name in BALANCE_FIELDS}
+
+    def tier(self, member_id, at):
+        view = tier_view(self._as_of(member_id, at), at, self.programme)
+        return {name: getattr(view, name) for name in ("tier", "growth_window", "next_tier", "growth_needed", "hold_until")}
+
+    def coupon_status(self, member_id, coupon_id, at):
+        coupon = self._as_of(member_id, at).coupons.get(coupon_id)
+        return coupon.status_at(at) if coupon is not None else None
+
+    def buckets(self, member_id, at=None):
+        state = self.run(self.ledger.load(member_id)) if at is None else self._as_of(member_id, at)
+        return [(b.bucket_id, b.amount, b.remaining) for b in state.buckets.values()]
+
+    def version(self, member_id):
+        return self.run(self.ledger.load(member_id)).version
+
+
+class AppMachine(ProgrammeMachine):
+    def make_driver(self, programme: Programme, now: datetime) -> Driver:
+        return AppDriver(programme, now)
+
+    def teardown(self) -> None:
+        self.driver.close()
+
+
+class AppShortClocks(AppMachine):
+    programme = ShortClocks.programme
+
+
+THROUGH_THE_DATABASE = settings(FAST, max_examples=12, stateful_step_count=25)
+
+TestProgrammeThroughTheApplication = AppMachine.TestCase
+TestProgrammeThroughTheApplication.settings = THROUGH_THE_DATABASE
+TestShortClocksThroughTheApplication = AppShortClocks.TestCase
+TestShortClocksThroughTheApplication.settings = THROUGH_THE_DATABASE
