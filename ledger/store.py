@@ -145,6 +145,25 @@ def envelope_from_row(row: asyncpg.Record) -> Envelope:
     )
 
 
+async def insert_events(conn: asyncpg.Connection, rows: list[Envelope]) -> None:
+    """Insert sealed envelopes in one statement (appends and imports alike)."""
+    await conn.execute(
+        _INSERT_EVENTS,
+        [r.position for r in rows],
+        [r.stream_id for r in rows],
+        [r.stream_version for r in rows],
+        [r.type for r in rows],
+        [r.schema_version for r in rows],
+        [r.occurred_at for r in rows],
+        [r.recorded_at for r in rows],
+        [r.command_id for r in rows],
+        [r.actor for r in rows],
+        [r.programme_version for r in rows],
+        [encode_json(r.data).decode() for r in rows],
+        [r.hash for r in rows],
+    )
+
+
 def envelope_hash(envelope: Envelope, previous_hash: str) -> str:
     return chain_hash(
         previous_hash,
@@ -230,7 +249,7 @@ class EventStore:
                     rows.extend(recorded)
                     outcomes.append(recorded)
                 if rows:
-                    await self._insert(conn, rows)
+                    await insert_events(conn, rows)
                     await conn.execute(
                         "UPDATE event_head SET position = $1, hash = $2", head_position, head_hash
                     )
@@ -325,23 +344,6 @@ class EventStore:
             return
         status, body = append.answer = append.respond(append.recorded)
         append.results = [StoredResult(key.stream_id, key.command_key, key.request_hash, status, body) for key in append.result_keys]
-
-    async def _insert(self, conn: asyncpg.Connection, rows: list[Envelope]) -> None:
-        await conn.execute(
-            _INSERT_EVENTS,
-            [r.position for r in rows],
-            [r.stream_id for r in rows],
-            [r.stream_version for r in rows],
-            [r.type for r in rows],
-            [r.schema_version for r in rows],
-            [r.occurred_at for r in rows],
-            [r.recorded_at for r in rows],
-            [r.command_id for r in rows],
-            [r.actor for r in rows],
-            [r.programme_version for r in rows],
-            [encode_json(r.data).decode() for r in rows],
-            [r.hash for r in rows],
-        )
 
     async def _store_results(self, conn: asyncpg.Connection, results: list[StoredResult]) -> None:
         if results:

@@ -25,7 +25,7 @@ import msgspec
 
 from events.codec import GENESIS_HASH, encode_json
 from events.envelope import Envelope
-from ledger.store import NOTIFY_CHANNEL, EventStore, envelope_hash
+from ledger.store import NOTIFY_CHANNEL, EventStore, envelope_hash, insert_events
 
 EXPORT_BATCH_EVENTS = 5000
 IMPORT_BATCH_EVENTS = 2000
@@ -36,12 +36,6 @@ CSV_COLUMNS = (
 
 _decoder = msgspec.json.Decoder(Envelope)
 
-_INSERT_EVENTS = """
-INSERT INTO events (position, stream_id, stream_version, type, schema_version, occurred_at,
-                    recorded_at, command_id, actor, programme_version, data, hash)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::int[], $6::timestamptz[],
-                     $7::timestamptz[], $8::text[], $9::text[], $10::int[], $11::jsonb[], $12::text[])
-"""
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -155,7 +149,7 @@ class _Importer:
             head = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
             if (head["position"], head["hash"].strip()) != (self.report.head_position, self.report.head_hash):
                 raise ImportRefused(f"the database's head moved to {head['position']} during the import; run it again")
-            await conn.execute(_INSERT_EVENTS, *_columns(rows))
+            await insert_events(conn, rows)
             await conn.executemany(
                 """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
                    ON CONFLICT (identity_type, value) DO NOTHING""",
@@ -166,23 +160,6 @@ class _Importer:
         self.report.inserted += len(rows)
         self.report.head_position, self.report.head_hash = last.position, last.hash
         self.pending = []
-
-
-def _columns(rows: list[Envelope]) -> list[list[Any]]:
-    return [
-        [r.position for r in rows],
-        [r.stream_id for r in rows],
-        [r.stream_version for r in rows],
-        [r.type for r in rows],
-        [r.schema_version for r in rows],
-        [r.occurred_at for r in rows],
-        [r.recorded_at for r in rows],
-        [r.command_id for r in rows],
-        [r.actor for r in rows],
-        [r.programme_version for r in rows],
-        [encode_json(r.data).decode() for r in rows],
-        [r.hash for r in rows],
-    ]
 
 
 async def import_lines(pool, lines: Iterable[bytes], batch_events: int = IMPORT_BATCH_EVENTS,
