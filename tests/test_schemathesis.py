@@ -30,7 +30,7 @@ import pytest
 from ledger.database import run_blocking
 from tests.service_process import ROOT, ServiceProcess
 
-MAX_TIME_S = 45
+MAX_TIME_S = 30
 CHECKS_LEFT_OUT = ["positive_data_acceptance", "use_after_free", "ensure_resource_availability"]
 
 
