@@ -637,7 +637,7 @@ async def run(plan: Plan, only: list[str]) -> dict:
         "plan": plan.__dict__,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_generator": wrk_version.strip()},
+                    "load_generator": wrk_version.split(" Copyright")[0].strip()},
     }
     db = Database()
     say(f"database: {db.kind}")
