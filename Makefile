@@ -24,10 +24,13 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The bench's own extras (matplotlib, eventsourcing, psycopg, py-spy); wrk
-# comes from the system's packages (bench/run.py says how when it is missing).
+# comes from the system's packages: installed here when missing and we may
+# (root with apt-get), else bench/run.py says how.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PYTHON) -m pip install --quiet -e '.[test,bench]'
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq wrk; } || true; }
 	@touch $(BENCH_STAMP)
 
 # Its own PostgreSQL (throwaway, or BENCH_DATABASE_URL) and service; writes
