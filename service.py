@@ -31,7 +31,7 @@ from ledger import commands as cmd
 from ledger.answers import coupon_view, member_view
 from ledger.application import Ledger, Outcome, new_id, request_hash
 from ledger.clock import Clock, system_clock
-from ledger.errors import Refusal, problem
+from ledger.errors import problem
 from ledger.jobs import JOBS, run_job
 from ledger.programme import Programme, load_programme
 from ledger.store import MAX_WAIT_MS, EventStore

@@ -292,7 +292,6 @@ async def soak_run() -> dict:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
                 key = await create_key(session, service, "checkout", "soak")
                 reader_key = await create_key(session, service, "reader", "soak-reader")
-                admin = Client(session, service.url, service.admin_key)
                 enrolments = "".join(json.dumps({"op": "enrol", "member_id": f"m{m}", "body": {}}) + "\n"
                                      for m in range(MEMBERS))
                 async with session.post(f"{service.url}/v1/batch", data=enrolments, headers={

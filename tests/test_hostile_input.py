@@ -16,7 +16,6 @@ import json
 import time
 
 import aiohttp
-import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings

@@ -292,7 +292,7 @@ async def test_a_job_run_from_two_processes_at_once_appends_nothing_twice(databa
 
 
 async def test_the_member_profile_shows_status_lifecycle_and_rfm(api):
-    answer = await api.enrol("m1")
+    await api.enrol("m1")
     status, profile, _ = await api.get("/v1/members/m1", role="checkout")
     assert profile["status"] == "prospect" and profile["lifecycle"] == "prospect" and profile["orders_365d"] == 0
     for n in range(4):

@@ -26,7 +26,7 @@ import pytest
 import service
 from events.codec import rfc3339
 from service import KEYS, Settings, create_app
-from tests.service_process import Client, ServiceProcess, create_key, read_all_events
+from tests.service_process import Client, ServiceProcess, create_key
 from tests.support import TUESDAY, running_api
 
 pytestmark = pytest.mark.asyncio
