@@ -581,8 +581,20 @@ async def batch(request: web.Request) -> web.StreamResponse:
     if len(lines) > BATCH_MAX_LINES:
         raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
     parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
-    # Lines on one member run in order; members run concurrently (group commit
-    # then puts their appends into few transactions).
+    results = await run_batch_lines(request.app, request[PRINCIPAL], parsed)
+    payload = b"".join(encode_json({"line": n, "status": status, "body": msgspec.Raw(out)}) + b"\n"
+                       for n, (status, out) in enumerate(results, start=1))
+    return web.Response(status=200, body=payload, content_type=NDJSON)
+
+
+async def run_batch_lines(
+    app: web.Application, principal: Principal, parsed: list[BatchLine | HttpProblem]
+) -> list[tuple[int, bytes]]:
+    """Each line's (status, body), in order.
+
+    Lines on one member run in order; members run concurrently (group commit
+    then puts their appends into few transactions).
+    """
     by_member: dict[str, list[int]] = {}
     for index, line in enumerate(parsed):
         member = line.member_id if isinstance(line, BatchLine) and line.member_id else f"#{index}"
@@ -591,12 +603,10 @@ async def batch(request: web.Request) -> web.StreamResponse:
 
     async def run_in_order(indexes: list[int]) -> None:
         for index in indexes:
-            results[index] = await batch_line(request, parsed[index])
+            results[index] = await batch_line(app, principal, parsed[index])
 
     await asyncio.gather(*(run_in_order(indexes) for indexes in by_member.values()))
-    payload = b"".join(encode_json({"line": n, "status": status, "body": msgspec.Raw(out)}) + b"\n"
-                       for n, (status, out) in enumerate(results, start=1))
-    return web.Response(status=200, body=payload, content_type=NDJSON)
+    return results
 
 
 def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
@@ -610,14 +620,13 @@ def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
         return HttpProblem(400, "json_too_deep", f"line {number} nests deeper than the decoder allows")
 
 
-async def batch_line(request: web.Request, parsed: BatchLine | HttpProblem) -> tuple[int, bytes]:
+async def batch_line(app: web.Application, principal: Principal, parsed: BatchLine | HttpProblem) -> tuple[int, bytes]:
     try:
         if isinstance(parsed, HttpProblem):
             raise parsed
         operation = OPERATIONS_BY_NAME.get(parsed.op)
         if operation is None or operation.name == "coupon_void":
             raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
-        principal = request[PRINCIPAL]
         if principal.role not in operation.roles:
             raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
         member_id = parsed.member_id
@@ -632,7 +641,7 @@ async def batch_line(request: web.Request, parsed: BatchLine | HttpProblem) -> t
         if operation.name == "enrol" and member_id is not None:
             command = msgspec.structs.replace(command, member_id=member_id)
             member_id = None
-        outcome = await run_operation(request.app, operation, member_id, command, principal, parsed.idempotency_key)
+        outcome = await run_operation(app, operation, member_id, command, principal, parsed.idempotency_key)
         return outcome.status, outcome.body
     except HttpProblem as failure:
         return failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))
@@ -1071,6 +1080,72 @@ async def verify_cli() -> int:
         await pool.close()
 
 
+IMPORT_CHUNK_LINES = 2000
+
+
+def holds_commands(path: str) -> bool:
+    """Whether a file holds batch lines (``{"op": ...}``), not an export of envelopes."""
+    with open(path, "rb") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    first = msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    return False
+                return isinstance(first, dict) and "op" in first
+    return False
+
+
+async def import_commands_cli(path: str) -> int:
+    """``loyalty import`` of batch lines: each line a command, exactly as ``POST /v1/batch`` runs it.
+
+    Resumable and idempotent: a line without an ``idempotency_key`` gets one
+    derived from its bytes, so running the same file again replays every
+    first answer and appends nothing. Prints a count of answers by status and
+    the problems of refused lines (to standard error); exit 1 if any line was
+    refused.
+    """
+    from tqdm import tqdm
+
+    _url, pool = await open_database()
+    app = create_app(pool, load_programme(), settings=Settings(rate_limit_per_s=None, scheduler=False))
+    app[LEDGER].store.start_group_commit()
+    principal = Principal("cli", "loyalty import", "admin")
+    statuses: dict[int, int] = {}
+    try:
+        with open(path, "rb") as lines, tqdm(
+            total=os.path.getsize(path), unit="B", unit_scale=True, desc="import", file=sys.stderr
+        ) as bar:
+            chunk: list[tuple[int, bytes]] = []
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    chunk.append((number, line))
+                if len(chunk) == IMPORT_CHUNK_LINES:
+                    await _import_chunk(app, principal, chunk, statuses)
+                    chunk = []
+                bar.update(len(line))
+            await _import_chunk(app, principal, chunk, statuses)
+    finally:
+        await app[LEDGER].store.stop_group_commit()
+        await pool.close()
+    print(encode_json({"lines": sum(statuses.values()), "by_status": {str(k): v for k, v in sorted(statuses.items())}}).decode())
+    return 0 if all(status < 400 for status in statuses) else 1
+
+
+async def _import_chunk(app, principal: Principal, chunk: list[tuple[int, bytes]], statuses: dict[int, int]) -> None:
+    parsed = []
+    for number, line in chunk:
+        batch_line_ = parse_batch_line(number, line)
+        if isinstance(batch_line_, BatchLine) and batch_line_.idempotency_key is None:
+            derived = f"import:{hashlib.sha256(line.strip()).hexdigest()[:40]}"
+            batch_line_ = msgspec.structs.replace(batch_line_, idempotency_key=derived)
+        parsed.append(batch_line_)
+    for (number, _line), (status, body) in zip(chunk, await run_batch_lines(app, principal, parsed)):
+        statuses[status] = statuses.get(status, 0) + 1
+        if status >= 400:
+            print(f"line {number}: {body.decode()}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loyalty", description="The event-sourced loyalty ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1100,6 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "verify":
         return asyncio.run(verify_cli())
+    if args.command == "import" and holds_commands(args.file):
+        return asyncio.run(import_commands_cli(args.file))
     from projections import cli as projection_cli
 
     if args.command in projection_cli.COMMANDS:

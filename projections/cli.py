@@ -52,7 +52,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--after", type=int, default=0, help="start after this position")
     export.add_argument("--out", help="write to this file instead of standard output")
-    import_ = commands.add_parser("import", help="bulk-import an exported JSON lines file (resumable, idempotent)")
+    import_ = commands.add_parser(
+        "import", help="bulk-import batch command lines ({\"op\", ...}) or an export of envelopes (resumable, idempotent)"
+    )
     import_.add_argument("file")
     rebuild = commands.add_parser("rebuild", help="rebuild a projection beside the live one, then swap")
     rebuild.add_argument("name", choices=sorted(PROJECTIONS))
