@@ -13,9 +13,8 @@ from typing import Any, Callable
 import asyncpg
 
 from events import catalogue as ev
-from events.codec import from_data
 from events.envelope import Envelope
-from projections.tables import Rows, Target
+from projections.tables import Rows, Target, decoded
 
 NAME = "coupons"
 TABLES = ("member_coupons",)
@@ -51,7 +50,7 @@ def ddl(target: Target) -> list[str]:
 
 
 async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = [(e, from_data(e.type, e.schema_version, e.data)) for e in envelopes if e.type in EVENT_TYPES]
+    batch = decoded(envelopes, EVENT_TYPES)
     coupons = Rows(target.table("member_coupons"), ("stream_id", "coupon_id"), COLUMNS)
     await coupons.load(conn, [(e.stream_id, x.coupon_id) for e, x in batch])
     for envelope, event in batch:

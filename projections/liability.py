@@ -32,10 +32,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from events import catalogue as ev
-from events.codec import from_data
 from events.envelope import Envelope
 from ledger.programme import Programme
-from projections.tables import Rows, Target
+from projections.tables import Rows, Target, decoded
 
 NAME = "liability"
 TABLES = ("liability_buckets", "liability_moments", "liability_months")
@@ -108,7 +107,7 @@ class _Deltas:
 
 
 async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = [(e, from_data(e.type, e.schema_version, e.data)) for e in envelopes if e.type in EVENT_TYPES]
+    batch = decoded(envelopes, EVENT_TYPES)
     deltas = _Deltas(target)
     await deltas.buckets.load(conn, [(e.stream_id, p.bucket_id) for e, x in batch for p in getattr(x, "buckets", [])])
     for envelope, event in batch:

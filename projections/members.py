@@ -20,11 +20,10 @@ from typing import Any, Callable, Iterable
 import asyncpg
 
 from events import catalogue as ev
-from events.codec import from_data
 from events.envelope import Envelope
 from ledger.programme import Programme
 from ledger.state import GrowthReturn, MemberState, Purchase
-from projections.tables import Row, Rows, Target, insert_rows
+from projections.tables import Row, Rows, Target, apply_in_memory, decoded, insert_rows
 
 NAME = "members"
 TABLES = ("member_summary", "member_purchases", "member_returns", "member_tiers")
@@ -143,12 +142,7 @@ class _Batch:
 
 
 async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = [(e, from_data(e.type, e.schema_version, e.data)) for e in envelopes if e.type in EVENT_TYPES]
-    rows = _Batch(target)
-    await rows.load(conn, batch)
-    for envelope, event in batch:
-        _APPLIERS[type(event)](rows, envelope, event)
-    await rows.save(conn)
+    await apply_in_memory(conn, decoded(envelopes, EVENT_TYPES), _Batch(target), _APPLIERS)
 
 
 def _summary(rows: _Batch, envelope: Envelope) -> Row:

@@ -26,10 +26,9 @@ from typing import Any, Callable
 import asyncpg
 
 from events import catalogue as ev
-from events.codec import from_data
 from events.envelope import Envelope
 from ledger.state import Bucket, MemberState, Totals
-from projections.tables import Row, Rows, Target, insert_rows
+from projections.tables import Row, Rows, Target, apply_in_memory, decoded, insert_rows
 
 NAME = "points"
 TABLES = ("point_buckets", "ledger_lines")
@@ -159,12 +158,7 @@ def _buckets_named(event: ev.Event) -> list[str]:
 
 
 async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = [(e, from_data(e.type, e.schema_version, e.data)) for e in envelopes if e.type in EVENT_TYPES]
-    rows = _Batch(target)
-    await rows.load(conn, batch)
-    for envelope, event in batch:
-        _APPLIERS[type(event)](rows, envelope, event)
-    await rows.save(conn)
+    await apply_in_memory(conn, decoded(envelopes, EVENT_TYPES), _Batch(target), _APPLIERS)
 
 
 def _burned(rows: _Batch, envelope: Envelope, kind: str, event, ref: str, reason: str) -> None:
