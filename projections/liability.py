@@ -34,7 +34,7 @@ import asyncpg
 from events import catalogue as ev
 from events.envelope import Envelope
 from ledger.programme import Programme
-from projections.tables import Rows, Target, decoded
+from projections.tables import Rows, Target, decoded, upsert
 
 NAME = "liability"
 TABLES = ("liability_buckets", "liability_moments", "liability_months")
@@ -165,13 +165,8 @@ _ADD_SUMS = ", ".join(f"{name} = t.{name} + excluded.{name}" for name in SUMS)
 
 
 async def _save_moments(conn: asyncpg.Connection, by_moment: dict[datetime, dict[str, int]], target: Target) -> None:
-    table = target.table("liability_moments")
-    values = ", ".join(f"${n}" for n in range(2, len(SUMS) + 2))
-    await conn.executemany(
-        f"""INSERT INTO {table} AS t (at, {', '.join(SUMS)}) VALUES ($1, {values})
-            ON CONFLICT (at) DO UPDATE SET {_ADD_SUMS}""",
-        [(at, *(sums[name] for name in SUMS)) for at, sums in sorted(by_moment.items())],
-    )
+    await upsert(conn, target.table("liability_moments"), ("at",), ("at", *SUMS),
+                 [(at, *(sums[name] for name in SUMS)) for at, sums in sorted(by_moment.items())], _ADD_SUMS)
 
 
 async def _save_months(conn: asyncpg.Connection, by_moment: dict[datetime, dict[str, int]], target: Target) -> None:
@@ -181,13 +176,8 @@ async def _save_months(conn: asyncpg.Connection, by_moment: dict[datetime, dict[
         month = by_month[month_of(at, zone)]
         for name in SUMS:
             month[name] += sums[name]
-    table = target.table("liability_months")
-    values = ", ".join(f"${n}" for n in range(4, len(SUMS) + 4))
-    await conn.executemany(
-        f"""INSERT INTO {table} AS t (month, starts_at, ends_at, {', '.join(SUMS)}) VALUES ($1, $2, $3, {values})
-            ON CONFLICT (month) DO UPDATE SET {_ADD_SUMS}""",
-        [(*month, *(sums[name] for name in SUMS)) for month, sums in sorted(by_month.items())],
-    )
+    await upsert(conn, target.table("liability_months"), ("month",), ("month", "starts_at", "ends_at", *SUMS),
+                 [(*month, *(sums[name] for name in SUMS)) for month, sums in sorted(by_month.items())], _ADD_SUMS)
 
 
 # -- reads ------------------------------------------------------------------------------------

@@ -98,25 +98,53 @@ class Rows:
         """Upsert every changed row in one statement."""
         if not self._dirty:
             return
-        placeholders = ", ".join(f"${n}" for n in range(1, len(self.columns) + 1))
-        updates = ", ".join(f"{c} = excluded.{c}" for c in self.columns if c not in self.key)
-        await conn.executemany(
-            f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({placeholders})"
-            f" ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {updates}",
-            [tuple(self._rows[key][c] for c in self.columns) for key in sorted(self._dirty)],
-        )
+        changed = [tuple(self._rows[key][c] for c in self.columns) for key in sorted(self._dirty)]
+        await upsert(conn, self.table, self.key, self.columns, changed, replaced(self.columns, self.key))
         self._dirty.clear()
 
 
-async def insert_rows(conn: asyncpg.Connection, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
-    """Append rows (tables that only ever grow: ledger lines, tier history)."""
-    if not rows:
+# Column types by table, read from the catalogue once per process: the set-based statements
+# below pass one typed array per column, and a shadow table has its live table's types.
+_column_types: dict[str, dict[str, str]] = {}
+
+
+async def column_types(conn: asyncpg.Connection, table: str) -> dict[str, str]:
+    types = _column_types.get(table)
+    if types is None:
+        rows = await conn.fetch(
+            """SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+               WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped""",
+            table,
+        )
+        types = _column_types[table] = {row["attname"]: row["type"] for row in rows}
+    return types
+
+
+def replaced(columns: Sequence[str], key: Sequence[str]) -> str:
+    """The ``SET`` of an upsert that replaces every non-key column with the new row's."""
+    return ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+
+
+async def upsert(conn: asyncpg.Connection, table: str, key: Sequence[str], columns: Sequence[str],
+                 values: Sequence[tuple], on_conflict_set: str) -> None:
+    """Insert ``values`` (tuples in ``columns`` order, unique keys) in one statement, one array per column;
+    a row whose key exists is updated by ``on_conflict_set`` instead (the existing row is ``t``)."""
+    if not values:
         return
-    placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-    await conn.executemany(
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
-        [tuple(row[c] for c in columns) for row in rows],
+    types = await column_types(conn, table)
+    arrays = ", ".join(f"${n}::{types[c]}[]" for n, c in enumerate(columns, start=1))
+    await conn.execute(
+        f"INSERT INTO {table} AS t ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+        f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {on_conflict_set}",
+        *(list(column) for column in zip(*values)),
     )
+
+
+async def insert_rows(conn: asyncpg.Connection, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """Append rows by COPY (tables that only ever grow: ledger lines, tier history)."""
+    if rows:
+        await conn.copy_records_to_table(table, records=[tuple(row[c] for c in columns) for row in rows],
+                                         columns=columns)
 
 
 def decoded(envelopes: list[Envelope], event_types: frozenset[str]) -> list[tuple[Envelope, Any]]:
