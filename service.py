@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from events.codec import encode_json, parse_time
 from ledger import commands as cmd
 from ledger.answers import coupon_view, member_view
-from ledger.application import Ledger, Outcome, new_id, request_hash
+from ledger.application import Ledger, Outcome, Request, new_id, request_hash
 from ledger.clock import Clock, system_clock
 from ledger.errors import problem
 from ledger.jobs import JOBS, run_job
@@ -516,6 +516,23 @@ OPERATIONS = [
 OPERATIONS_BY_NAME = {op.name: op for op in OPERATIONS}
 
 
+def prepare_command(
+    operation: Operation, member_id: str | None, command: cmd.Command, principal: Principal
+) -> tuple[str, cmd.Command, str]:
+    """The member, the command with its server-made ids, and the request's fingerprint."""
+    if isinstance(command, cmd.IssueCoupon) and command.points_cost is None and principal.role != "admin":
+        raise HttpProblem(403, "forbidden", "only admin issues coupons without points_cost")
+    # Fingerprinted before the ids are made: a retry without them is the same request.
+    fingerprint = request_hash(operation.name, member_id or "", command)
+    if isinstance(command, cmd.Enrol):
+        member_id = command.member_id or new_id("m")
+        command = msgspec.structs.replace(command, member_id=member_id)
+    if isinstance(command, cmd.IssueCoupon) and command.coupon_id is None:
+        command = msgspec.structs.replace(command, coupon_id=new_id("c"))
+    assert member_id is not None
+    return member_id, command, fingerprint
+
+
 async def run_operation(
     app: web.Application,
     operation: Operation,
@@ -525,29 +542,25 @@ async def run_operation(
     key: str | None,
     expected_version: int | None = None,
 ) -> Outcome:
-    """Run one decoded command (HTTP or batch line) through the ledger."""
-    ledger = app[LEDGER]
-    if isinstance(command, cmd.IssueCoupon) and command.points_cost is None and principal.role != "admin":
-        raise HttpProblem(403, "forbidden", "only admin issues coupons without points_cost")
-    fingerprint = request_hash(operation.name, member_id or "", command)
-    if isinstance(command, cmd.Enrol):
-        member_id = command.member_id or new_id("m")
-        command = msgspec.structs.replace(command, member_id=member_id)
-    if isinstance(command, cmd.IssueCoupon) and command.coupon_id is None:
-        command = msgspec.structs.replace(command, coupon_id=new_id("c"))
-    assert member_id is not None
-    outcome = await ledger.execute(
+    """Run one decoded HTTP command through the ledger."""
+    member_id, command, fingerprint = prepare_command(operation, member_id, command, principal)
+    outcome = await app[LEDGER].execute(
         operation.name,
         member_id,
         command,
-        actor=f"{principal.name}",
+        actor=principal.name,
         idempotency_key=key,
         expected_version=expected_version,
         fingerprint=fingerprint,
     )
-    if outcome.position is not None:
-        app[METRICS].head.set(outcome.position)
+    record_head(app, [outcome])
     return outcome
+
+
+def record_head(app: web.Application, outcomes: list[Outcome]) -> None:
+    positions = [outcome.position for outcome in outcomes if outcome.position is not None]
+    if positions:
+        app[METRICS].head.set(max(positions))
 
 
 def command_handler(operation: Operation) -> Handler:
@@ -592,20 +605,28 @@ async def run_batch_lines(
 ) -> list[tuple[int, bytes]]:
     """Each line's (status, body), in order.
 
-    Lines on one member run in order; members run concurrently (group commit
-    then puts their appends into few transactions).
+    A member's lines run in order, as one series (``Ledger.execute_series``:
+    appended together, each answered as on its own); members run
+    concurrently, and group commit puts their appends into few transactions.
     """
-    by_member: dict[str, list[int]] = {}
-    for index, line in enumerate(parsed):
-        member = line.member_id if isinstance(line, BatchLine) and line.member_id else f"#{index}"
-        by_member.setdefault(member, []).append(index)
     results: list[tuple[int, bytes]] = [(0, b"")] * len(parsed)
+    series: dict[str, list[tuple[int, Request]]] = {}
+    for index, line in enumerate(parsed):
+        try:
+            member_id, request = prepare_batch_line(principal, line)
+        except HttpProblem as failure:
+            results[index] = failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))
+            continue
+        series.setdefault(member_id, []).append((index, request))
+    ledger = app[LEDGER]
 
-    async def run_in_order(indexes: list[int]) -> None:
-        for index in indexes:
-            results[index] = await batch_line(app, principal, parsed[index])
+    async def run_series(member_id: str, lines: list[tuple[int, Request]]) -> None:
+        outcomes = await ledger.execute_series(member_id, [request for _, request in lines])
+        for (index, _), outcome in zip(lines, outcomes, strict=True):
+            results[index] = outcome.status, outcome.body
+        record_head(app, outcomes)
 
-    await asyncio.gather(*(run_in_order(indexes) for indexes in by_member.values()))
+    await asyncio.gather(*(run_series(member_id, lines) for member_id, lines in series.items()))
     return results
 
 
@@ -620,31 +641,29 @@ def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
         return HttpProblem(400, "json_too_deep", f"line {number} nests deeper than the decoder allows")
 
 
-async def batch_line(app: web.Application, principal: Principal, parsed: BatchLine | HttpProblem) -> tuple[int, bytes]:
-    try:
-        if isinstance(parsed, HttpProblem):
-            raise parsed
-        operation = OPERATIONS_BY_NAME.get(parsed.op)
-        if operation is None or operation.name == "coupon_void":
-            raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
-        if principal.role not in operation.roles:
-            raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
-        member_id = parsed.member_id
-        if member_id is not None and not _ID.match(member_id):
-            raise HttpProblem(422, "invalid_id", "member_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", field="member_id")
-        if member_id is None and operation.name != "enrol":
-            raise HttpProblem(422, "validation_failed", "member_id is required", field="member_id")
-        command = decode(bytes(parsed.body), operation.body)
-        for name in operation.path_fields:  # in a batch the path's ids travel in the body
-            if not getattr(command, name):
-                raise HttpProblem(422, "validation_failed", f"{name} is required in the body of a {parsed.op} line", field=name)
-        if operation.name == "enrol" and member_id is not None:
-            command = msgspec.structs.replace(command, member_id=member_id)
-            member_id = None
-        outcome = await run_operation(app, operation, member_id, command, principal, parsed.idempotency_key)
-        return outcome.status, outcome.body
-    except HttpProblem as failure:
-        return failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))
+def prepare_batch_line(principal: Principal, parsed: BatchLine | HttpProblem) -> tuple[str, Request]:
+    """The member and the command a line runs, or the HttpProblem that answers it."""
+    if isinstance(parsed, HttpProblem):
+        raise parsed
+    operation = OPERATIONS_BY_NAME.get(parsed.op)
+    if operation is None or operation.name == "coupon_void":
+        raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
+    if principal.role not in operation.roles:
+        raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
+    member_id = parsed.member_id
+    if member_id is not None and not _ID.match(member_id):
+        raise HttpProblem(422, "invalid_id", "member_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", field="member_id")
+    if member_id is None and operation.name != "enrol":
+        raise HttpProblem(422, "validation_failed", "member_id is required", field="member_id")
+    command = decode(bytes(parsed.body), operation.body)
+    for name in operation.path_fields:  # in a batch the path's ids travel in the body
+        if not getattr(command, name):
+            raise HttpProblem(422, "validation_failed", f"{name} is required in the body of a {parsed.op} line", field=name)
+    if operation.name == "enrol" and member_id is not None:
+        command = msgspec.structs.replace(command, member_id=member_id)
+        member_id = None
+    member_id, command, fingerprint = prepare_command(operation, member_id, command, principal)
+    return member_id, Request(operation.name, command, fingerprint, principal.name, parsed.idempotency_key)
 
 
 # -- reads -------------------------------------------------------------------------------

@@ -1,14 +1,20 @@
 """The answer a command gives, from the member's state after its events.
 
-Pure: (command, state after, recorded envelopes, programme) -> JSON-able dict.
+Pure: (command, state after, decided events, programme) -> JSON-able dict.
+Everything but the log position is known once the events are decided, so
+the answer is built then, on the state the command leaves (a member's next
+command may already be evolving it while this one waits for its commit),
+and ``with_position`` completes it when the store has sealed the events.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from events.envelope import Envelope
+from events import catalogue as ev
+from events.codec import encode_json
 from ledger import commands as cmd
+from ledger.decide import Decided
 from ledger.programme import Programme
 from ledger.state import Coupon, MemberState
 from ledger.views import available_points, balance, current_tier, status, tier_view
@@ -42,88 +48,93 @@ def member_view(state: MemberState, at, programme: Programme) -> dict[str, Any]:
     }
 
 
-def _data(recorded: list[Envelope], type_name: str) -> dict[str, Any]:
-    return next(e.data for e in recorded if e.type == type_name)
+def _event(decided: Sequence[Decided], event_type: type[ev.Event]) -> Any:
+    return next(d.event for d in decided if type(d.event) is event_type)
 
 
-def answer(command: cmd.Command, state: MemberState, recorded: list[Envelope], programme: Programme) -> dict[str, Any]:
-    at = recorded[0].occurred_at
-    body = _ANSWERS[type(command)](command, state, recorded, programme, at)
-    body["position"] = recorded[-1].position
-    body["stream_version"] = recorded[-1].stream_version
-    return body
+def answer(command: cmd.Command, state: MemberState, decided: Sequence[Decided], programme: Programme) -> dict[str, Any]:
+    """The answer without its ``position`` (``with_position`` adds it)."""
+    at = decided[0].occurred_at
+    return _ANSWERS[type(command)](command, state, decided, programme, at)
 
 
-def _enrolled(command, state, recorded, programme, at):
+def with_position(body: dict[str, Any], position: int, stream_version: int) -> bytes:
+    """The answer's bytes, with where its last event landed in the log and in the member's stream."""
+    body["position"] = position
+    body["stream_version"] = stream_version
+    return encode_json(body)
+
+
+def _enrolled(command, state, decided, programme, at):
     body = member_view(state, at, programme)
     body["coupons"] = [coupon_view(c, at) for c in state.coupons.values()]
     return body
 
 
-def _purchase(command: cmd.RecordPurchase, state, recorded, programme, at):
-    earned = _data(recorded, "points_earned")
+def _purchase(command: cmd.RecordPurchase, state, decided, programme, at):
+    earned = _event(decided, ev.PointsEarned)
     return {
         "purchase_id": command.purchase_id,
-        "points": earned["points"],
-        "growth": earned["growth"],
+        "points": earned.points,
+        "growth": earned.growth,
         "tier": current_tier(state, programme),
-        "debt_paid": earned["debt_paid"],
+        "debt_paid": earned.debt_paid,
     }
 
 
-def _return(command: cmd.RecordReturn, state, recorded, programme, at):
-    clawed = _data(recorded, "points_clawed_back")
+def _return(command: cmd.RecordReturn, state, decided, programme, at):
+    clawed = _event(decided, ev.PointsClawedBack)
     return {
         "return_id": command.return_id,
         "purchase_id": command.purchase_id,
-        "points_clawed": clawed["points"],
-        "growth_clawed": clawed["growth"],
+        "points_clawed": clawed.points,
+        "growth_clawed": clawed.growth,
         "debt": state.debt,
-        "written_off": clawed["written_off"],
-        "buckets": clawed["buckets"],
+        "written_off": clawed.written_off,
+        "buckets": clawed.buckets,
         "tier": current_tier(state, programme),
     }
 
 
-def _redeem(command: cmd.Redeem, state, recorded, programme, at):
-    redeemed = _data(recorded, "points_redeemed")
+def _redeem(command: cmd.Redeem, state, decided, programme, at):
+    redeemed = _event(decided, ev.PointsRedeemed)
     return {
         "redemption_id": command.redemption_id,
         "points": command.points,
-        "consumed": redeemed["buckets"],
+        "consumed": redeemed.buckets,
         "available": available_points(state, at),
     }
 
 
-def _reversal(command: cmd.ReverseRedemption, state, recorded, programme, at):
-    reversed_ = _data(recorded, "redemption_reversed")
+def _reversal(command: cmd.ReverseRedemption, state, decided, programme, at):
+    reversed_ = _event(decided, ev.RedemptionReversed)
     return {
         "redemption_id": command.redemption_id,
-        "points": reversed_["points"],
-        "restored": reversed_["buckets"],
-        "expired": reversed_["expired"],
+        "points": reversed_.points,
+        "restored": reversed_.buckets,
+        "expired": reversed_.expired,
         "available": available_points(state, at),
     }
 
 
-def _coupon(command, state, recorded, programme, at):
+def _coupon(command, state, decided, programme, at):
     return coupon_view(state.coupons[command.coupon_id], at)
 
 
-def _adjust(command: cmd.Adjust, state, recorded, programme, at):
-    adjusted = _data(recorded, "points_adjusted")
+def _adjust(command: cmd.Adjust, state, decided, programme, at):
+    adjusted = _event(decided, ev.PointsAdjusted)
     return {
         "adjustment_id": command.adjustment_id,
         "points": command.points,
         "reason": command.reason,
-        "buckets": adjusted["buckets"] or ([adjusted["bucket"]] if adjusted["bucket"] else []),
-        "debt_paid": adjusted["debt_paid"],
+        "buckets": adjusted.buckets or ([adjusted.bucket] if adjusted.bucket else []),
+        "debt_paid": adjusted.debt_paid,
         "available": available_points(state, at),
     }
 
 
-def _job(command, state, recorded, programme, at):
-    return {"appended": len(recorded)}
+def _job(command, state, decided, programme, at):
+    return {"appended": len(decided)}
 
 
 _ANSWERS = {

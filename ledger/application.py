@@ -21,14 +21,15 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple, Sequence
 import msgspec
 
 from events.codec import encode_json, from_data
 from events.envelope import Envelope
 from ledger import commands as cmd
-from ledger.answers import answer
+from ledger.answers import answer, with_position
 from ledger.clock import Clock, system_clock
-from ledger.decide import decide
+from ledger.decide import Decided, decide
 from ledger.errors import DuplicateCommand, Refusal, problem
 from ledger.programme import Programme
 from ledger.state import Fact, MemberState, evolve, fold
@@ -57,6 +58,16 @@ SNAPSHOT_EVERY_EVENTS = 100
 GLOBAL_SCOPE = "*"  # command_results.stream_id of Idempotency-Keys
 
 _sorted_encoder = msgspec.json.Encoder(order="sorted")
+
+
+class Request(NamedTuple):
+    """One command of a member's series (``Ledger.execute_series``)."""
+
+    operation: str
+    command: cmd.Command
+    fingerprint: str
+    actor: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,66 @@ class Ledger:
             )
         return outcome
 
+    async def execute_series(self, stream_id: str, requests: Sequence[Request]) -> list[Outcome]:
+        """One member's commands in order, each answered as ``execute`` answers it.
+
+        A bulk import's common case is that every command appends. Each is
+        then decided on the state its predecessors leave and handed to the
+        store at once, so the member's commands share group-commit
+        transactions instead of waiting for one commit each. The series stops
+        at the first command that would not simply append (a refusal, a
+        replay, nothing to append) or whose append fails; that command and
+        the rest run one by one through ``execute``, which answers those cases.
+        """
+        async with self._locks.hold(stream_id):
+            outcomes = await self._append_series(stream_id, requests)
+        for request in requests[len(outcomes):]:
+            outcomes.append(
+                await self.execute(
+                    request.operation, stream_id, request.command, actor=request.actor,
+                    idempotency_key=request.idempotency_key, fingerprint=request.fingerprint,
+                )
+            )
+        return outcomes
+
+    async def _append_series(self, stream_id: str, requests: Sequence[Request]) -> list[Outcome]:
+        """The leading commands that append, appended together; their outcomes."""
+        state = self._cached(stream_id)
+        if state is None:
+            state = await self._load_locked(stream_id)
+        appends: list[Append] = []
+        try:
+            for request in requests:
+                try:
+                    decided = decide(state, request.command, self.programme, self.clock())
+                except (Refusal, DuplicateCommand):
+                    break
+                if not decided:
+                    break
+                appends.append(self._prepare_append(
+                    stream_id, state, request.command, decided, request.fingerprint, request.actor,
+                    request.idempotency_key,
+                ))
+            results = await self.store.append_series(appends) if appends else []
+        except BaseException:
+            self.forget(stream_id)  # the in-place evolve has run
+            raise
+        outcomes = []
+        for append, recorded in zip(appends, results):
+            if isinstance(recorded, Exception):
+                # A failed append ends the series (the ones after it expected
+                # its version, so they failed too); the state holds their events.
+                self.forget(stream_id)
+                return outcomes
+            outcomes.append(Outcome(*append.answer, position=recorded[-1].position))
+        if appends:
+            self._remember(stream_id, state)
+            try:
+                await self._maybe_snapshot(stream_id, state)
+            except Exception:  # a snapshot is only a cache; the commands have succeeded
+                log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
+        return outcomes
+
     def _replay_or_reuse(self, stored: StoredResult, fingerprint: str, code: str, status: int) -> Outcome:
         if stored.request_hash == fingerprint:
             return Outcome(stored.status, stored.body, replayed=True)
@@ -251,21 +322,8 @@ class Ledger:
                 if not checked:
                     continue
                 return Outcome(200, encode_json({"appended": 0}))
-            keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
-            if idempotency_key is not None:
-                keys.append(ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint))
-            append = Append(
-                stream_id=stream_id,
-                expected_version=state.version,
-                events=[NewEvent(d.occurred_at, d.event) for d in decided],
-                command_id=idempotency_key,
-                actor=actor,
-                programme_version=self.programme.version,
-                identities=[(i.type, i.value) for i in command.identities] if isinstance(command, cmd.Enrol) else (),
-                result_keys=keys,
-                respond=lambda recorded, state=state: self._respond(command, state, recorded),
-            )
             try:
+                append = self._prepare_append(stream_id, state, command, decided, fingerprint, actor, idempotency_key)
                 recorded = await self.store.append(append)
             except WrongExpectedVersion:
                 self.forget(stream_id)
@@ -294,10 +352,33 @@ class Ledger:
             return Outcome(status, body, position=recorded[-1].position)
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
 
-    def _respond(self, command: cmd.Command, state: MemberState, recorded: list[Envelope]) -> tuple[int, bytes]:
-        for envelope in recorded:
-            evolve(state, fact_of(envelope))
-        return 201, encode_json(answer(command, state, recorded, self.programme))
+    def _prepare_append(
+        self, stream_id: str, state: MemberState, command: cmd.Command, decided: list[Decided], fingerprint: str,
+        actor: str | None, idempotency_key: str | None,
+    ) -> Append:
+        """The append of a decided command; evolves ``state`` with its events and builds its answer.
+
+        In place and before the commit: the caller holds the member's lock, and
+        forgets the cached state if the append fails.
+        """
+        expected_version = state.version
+        for offset, new in enumerate(decided, start=1):
+            evolve(state, Fact(new.event, new.occurred_at, expected_version + offset))
+        body = answer(command, state, decided, self.programme)
+        keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
+        if idempotency_key is not None:
+            keys.append(ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint))
+        return Append(
+            stream_id=stream_id,
+            expected_version=expected_version,
+            events=[NewEvent(d.occurred_at, d.event) for d in decided],
+            command_id=idempotency_key,
+            actor=actor,
+            programme_version=self.programme.version,
+            identities=[(i.type, i.value) for i in command.identities] if isinstance(command, cmd.Enrol) else (),
+            result_keys=keys,
+            respond=lambda recorded: (201, with_position(body, recorded[-1].position, recorded[-1].stream_version)),
+        )
 
     async def _natural_replay(self, stream_id: str, natural_key: str, fingerprint: str) -> Outcome:
         stored = await self.store.stored_result(stream_id, natural_key)

@@ -165,12 +165,20 @@ def run_blocking(make_coroutine: Callable[[], Awaitable[T]]) -> T:
 # --- connections -----------------------------------------------------------
 
 
-def _encode_jsonb(value: Any) -> str:
+# jsonb travels in its binary form, a version byte (1) then the JSON text:
+# binary COPY (the store's inserts) has no text-format path for it.
+_JSONB_VERSION = b"\x01"
+
+
+def _encode_jsonb(value: Any) -> bytes:
     # A str is taken as JSON text already (asyncpg's own behaviour for jsonb,
     # which the store relies on); anything else is encoded with msgspec.
-    if isinstance(value, str):
-        return value
-    return msgspec.json.encode(value).decode()
+    text = value.encode() if isinstance(value, str) else msgspec.json.encode(value)
+    return _JSONB_VERSION + text
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return msgspec.json.decode(data[1:])
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -178,9 +186,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
         encoder=_encode_jsonb,
-        decoder=msgspec.json.decode,
+        decoder=_decode_jsonb,
         schema="pg_catalog",
-        format="text",
+        format="binary",
     )
 
 
