@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import uvloop
 from tqdm import tqdm
 
 from events.codec import encode_json, parse_time
@@ -64,7 +65,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = {"replay": replay, "export": export, "import": import_file, "rebuild": rebuild, "project": project}
-    return asyncio.run(command[args.command](args))
+    return uvloop.run(command[args.command](args))
 
 
 @contextlib.asynccontextmanager
