@@ -12,8 +12,8 @@ Variants (each a patch applied before the service starts, nothing else):
   (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), rolling back only
   when a transaction was left open;
 - ``reuse_port``: the listening socket with SO_REUSEPORT, so that several processes share the port;
-- ``gc``: the cyclic garbage collector tuned for a large long-lived heap (the member cache):
-  ``gc.freeze()`` after start-up and generation 0 collected every 50,000 allocations, not 700.
+- ``default_gc``: Python's own collector thresholds (700, 10, 10) and nothing frozen, instead of
+  ``service.tune_garbage_collector``.
 """
 
 from __future__ import annotations
@@ -53,12 +53,8 @@ def apply(variant: str) -> None:
         assert original is not None
         database.create_pool = create_pool
         return
-    if variant == "gc":
-        import gc
-
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 20)
+    if variant == "default_gc":
+        service.tune_garbage_collector = lambda: None
         return
     if variant == "reuse_port":
         from aiohttp import web
