@@ -13,8 +13,8 @@ from typing import Any, Callable
 import asyncpg
 
 from events import catalogue as ev
-from events.envelope import Envelope
-from projections.tables import Rows, Target, decoded
+from projections.feed import Decoded, FeedEnvelope
+from projections.tables import Rows, Target
 
 NAME = "coupons"
 TABLES = ("member_coupons",)
@@ -49,8 +49,7 @@ def ddl(target: Target) -> list[str]:
     ]
 
 
-async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = decoded(envelopes, EVENT_TYPES)
+async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
     coupons = Rows(target.table("member_coupons"), ("stream_id", "coupon_id"), COLUMNS)
     await coupons.load(conn, [(e.stream_id, x.coupon_id) for e, x in batch])
     for envelope, event in batch:
@@ -58,13 +57,13 @@ async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Tar
     await coupons.save(conn)
 
 
-def _coupon(coupons: Rows, envelope: Envelope, coupon_id: str) -> dict[str, Any]:
+def _coupon(coupons: Rows, envelope: FeedEnvelope, coupon_id: str) -> dict[str, Any]:
     coupon = coupons.get(envelope.stream_id, coupon_id)
     assert coupon is not None, f"{envelope.type} at {envelope.position} names unknown coupon {coupon_id}"
     return coupons.touch(coupon)
 
 
-def _issued(coupons: Rows, envelope: Envelope, event: ev.CouponIssued) -> None:
+def _issued(coupons: Rows, envelope: FeedEnvelope, event: ev.CouponIssued) -> None:
     coupons.put(
         {
             "stream_id": envelope.stream_id, "coupon_id": event.coupon_id, "template": event.template,
@@ -76,21 +75,21 @@ def _issued(coupons: Rows, envelope: Envelope, event: ev.CouponIssued) -> None:
     )
 
 
-def _redeemed(coupons: Rows, envelope: Envelope, event: ev.CouponRedeemed) -> None:
+def _redeemed(coupons: Rows, envelope: FeedEnvelope, event: ev.CouponRedeemed) -> None:
     coupon = _coupon(coupons, envelope, event.coupon_id)
     coupon["status"], coupon["order_ref"] = "redeemed", event.order_ref
 
 
-def _redemption_reversed(coupons: Rows, envelope: Envelope, event: ev.CouponRedemptionReversed) -> None:
+def _redemption_reversed(coupons: Rows, envelope: FeedEnvelope, event: ev.CouponRedemptionReversed) -> None:
     coupon = _coupon(coupons, envelope, event.coupon_id)
     coupon["status"], coupon["order_ref"] = "issued", None
 
 
-def _voided(coupons: Rows, envelope: Envelope, event: ev.CouponVoided) -> None:
+def _voided(coupons: Rows, envelope: FeedEnvelope, event: ev.CouponVoided) -> None:
     _coupon(coupons, envelope, event.coupon_id)["status"] = "voided"
 
 
-_APPLIERS: dict[type, Callable[[Rows, Envelope, Any], None]] = {
+_APPLIERS: dict[type, Callable[[Rows, FeedEnvelope, Any], None]] = {
     ev.CouponIssued: _issued,
     ev.CouponRedeemed: _redeemed,
     ev.CouponRedemptionReversed: _redemption_reversed,

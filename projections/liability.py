@@ -32,9 +32,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from events import catalogue as ev
-from events.envelope import Envelope
 from ledger.programme import Programme
-from projections.tables import Rows, Target, decoded, upsert
+from projections.feed import Decoded, FeedEnvelope
+from projections.tables import Rows, Target, upsert
 
 NAME = "liability"
 TABLES = ("liability_buckets", "liability_moments", "liability_months")
@@ -92,13 +92,13 @@ class _Deltas:
         if amount:
             self.by_moment[at][figure] += amount
 
-    def credit(self, envelope: Envelope, bucket: ev.NewBucket | None) -> None:
+    def credit(self, envelope: FeedEnvelope, bucket: ev.NewBucket | None) -> None:
         if bucket is None:
             return
         self.buckets.put({"stream_id": envelope.stream_id, "bucket_id": bucket.bucket_id, "expires_at": bucket.expires_at})
         self.add(bucket.expires_at, "expired", bucket.amount)
 
-    def move(self, envelope: Envelope, parts: list[ev.BucketPoints], sign: int) -> None:
+    def move(self, envelope: FeedEnvelope, parts: list[ev.BucketPoints], sign: int) -> None:
         """Points out of (sign -1) or back into (+1) buckets change what expires, and when."""
         for part in parts:
             bucket = self.buckets.get(envelope.stream_id, part.bucket_id)
@@ -106,8 +106,7 @@ class _Deltas:
             self.add(max(envelope.occurred_at, bucket["expires_at"]), "expired", sign * part.points)
 
 
-async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    batch = decoded(envelopes, EVENT_TYPES)
+async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
     deltas = _Deltas(target)
     await deltas.buckets.load(conn, [(e.stream_id, p.bucket_id) for e, x in batch for p in getattr(x, "buckets", [])])
     for envelope, event in batch:
@@ -117,41 +116,41 @@ async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Tar
     await _save_months(conn, deltas.by_moment, target)
 
 
-def _earned(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.PointsEarned) -> None:
+def _earned(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
     deltas.add(at, "earned", event.points)
     deltas.add(at, "debt", -event.debt_paid)
     deltas.credit(envelope, event.bucket)
 
 
-def _clawed_back(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.PointsClawedBack) -> None:
+def _clawed_back(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.PointsClawedBack) -> None:
     deltas.add(at, "clawed", event.points - event.written_off)
     deltas.add(at, "debt", event.debt)
     deltas.move(envelope, event.buckets, -1)
 
 
-def _redeemed(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.PointsRedeemed) -> None:
+def _redeemed(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.PointsRedeemed) -> None:
     deltas.add(at, "redeemed", event.points)
     deltas.move(envelope, event.buckets, -1)
 
 
-def _reversed(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.RedemptionReversed) -> None:
+def _reversed(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.RedemptionReversed) -> None:
     deltas.add(at, "redeemed", -event.points)
     deltas.move(envelope, event.buckets, +1)  # event.expired is implied by the dates
 
 
-def _adjusted(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.PointsAdjusted) -> None:
+def _adjusted(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.PointsAdjusted) -> None:
     deltas.add(at, "adjusted", event.points)
     deltas.add(at, "debt", -event.debt_paid)
     deltas.credit(envelope, event.bucket)
     deltas.move(envelope, event.buckets, -1)
 
 
-def _coupon_bought(deltas: _Deltas, at: datetime, envelope: Envelope, event: ev.CouponIssued) -> None:
+def _coupon_bought(deltas: _Deltas, at: datetime, envelope: FeedEnvelope, event: ev.CouponIssued) -> None:
     deltas.add(at, "redeemed", event.points_cost)
     deltas.move(envelope, event.buckets, -1)
 
 
-_APPLIERS: dict[type, Callable[[_Deltas, datetime, Envelope, Any], None]] = {
+_APPLIERS: dict[type, Callable[[_Deltas, datetime, FeedEnvelope, Any], None]] = {
     ev.PointsEarned: _earned,
     ev.PointsClawedBack: _clawed_back,
     ev.PointsRedeemed: _redeemed,

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable
 import asyncpg
 
 from events import catalogue as ev
-from events.envelope import Envelope
 from ledger.programme import Programme
 from ledger.state import GrowthReturn, MemberState, Purchase
-from projections.tables import Row, Rows, Target, apply_in_memory, decoded, insert_rows
+from projections.feed import Decoded, FeedEnvelope
+from projections.tables import Row, Rows, Target, apply_in_memory, insert_rows
 
 NAME = "members"
 TABLES = ("member_summary", "member_purchases", "member_returns", "member_tiers")
@@ -129,7 +129,7 @@ class _Batch:
         self.tiers_table = tiers
         self.new_tiers: list[Row] = []
 
-    async def load(self, conn: asyncpg.Connection, batch: list[tuple[Envelope, ev.Event]]) -> None:
+    async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
         await self.summaries.load(conn, [(e.stream_id,) for e, _ in batch])
         await self.purchases.load(conn, [(e.stream_id, x.purchase_id) for e, x in batch if hasattr(x, "purchase_id")])
         await self.returns.load(conn, [(e.stream_id, x.return_id) for e, x in batch if hasattr(x, "return_id")])
@@ -141,17 +141,17 @@ class _Batch:
         await insert_rows(conn, self.tiers_table, TIER_COLUMNS, self.new_tiers)
 
 
-async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    await apply_in_memory(conn, decoded(envelopes, EVENT_TYPES), _Batch(target), _APPLIERS)
+async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
+    await apply_in_memory(conn, batch, _Batch(target), _APPLIERS)
 
 
-def _summary(rows: _Batch, envelope: Envelope) -> Row:
+def _summary(rows: _Batch, envelope: FeedEnvelope) -> Row:
     summary = rows.summaries.get(envelope.stream_id)
     assert summary is not None, f"{envelope.type} at {envelope.position} before the member's enrolment"
     return rows.summaries.touch(summary)
 
 
-def _enrolled(rows: _Batch, envelope: Envelope, event: ev.MemberEnrolled) -> None:
+def _enrolled(rows: _Batch, envelope: FeedEnvelope, event: ev.MemberEnrolled) -> None:
     rows.summaries.put(
         {
             "stream_id": envelope.stream_id, "enrolled_at": envelope.occurred_at, "birthday": event.birthday,
@@ -162,7 +162,7 @@ def _enrolled(rows: _Batch, envelope: Envelope, event: ev.MemberEnrolled) -> Non
     )
 
 
-def _purchase_recorded(rows: _Batch, envelope: Envelope, event: ev.PurchaseRecorded) -> None:
+def _purchase_recorded(rows: _Batch, envelope: FeedEnvelope, event: ev.PurchaseRecorded) -> None:
     at = envelope.occurred_at
     rows.purchases.put(
         {
@@ -178,7 +178,7 @@ def _purchase_recorded(rows: _Batch, envelope: Envelope, event: ev.PurchaseRecor
     summary["last_purchase_at"] = max(filter(None, (summary["last_purchase_at"], at)))
 
 
-def _points_earned(rows: _Batch, envelope: Envelope, event: ev.PointsEarned) -> None:
+def _points_earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
     purchase = _purchase(rows, envelope, event.purchase_id)
     purchase["points"], purchase["growth"] = event.points, event.growth
     summary = _summary(rows, envelope)
@@ -186,13 +186,13 @@ def _points_earned(rows: _Batch, envelope: Envelope, event: ev.PointsEarned) -> 
     summary["debt"] -= event.debt_paid
 
 
-def _purchase(rows: _Batch, envelope: Envelope, purchase_id: str) -> Row:
+def _purchase(rows: _Batch, envelope: FeedEnvelope, purchase_id: str) -> Row:
     purchase = rows.purchases.get(envelope.stream_id, purchase_id)
     assert purchase is not None, f"{envelope.type} at {envelope.position} names unknown purchase {purchase_id}"
     return rows.purchases.touch(purchase)
 
 
-def _purchase_returned(rows: _Batch, envelope: Envelope, event: ev.PurchaseReturned) -> None:
+def _purchase_returned(rows: _Batch, envelope: FeedEnvelope, event: ev.PurchaseReturned) -> None:
     _purchase(rows, envelope, event.purchase_id)["returned_cents"] = event.returned_total_cents
     rows.returns.put(
         {
@@ -203,7 +203,7 @@ def _purchase_returned(rows: _Batch, envelope: Envelope, event: ev.PurchaseRetur
     )
 
 
-def _points_clawed_back(rows: _Batch, envelope: Envelope, event: ev.PointsClawedBack) -> None:
+def _points_clawed_back(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsClawedBack) -> None:
     returned = rows.returns.get(envelope.stream_id, event.return_id)
     assert returned is not None, f"claw-back at {envelope.position} for unknown return {event.return_id}"
     returned["points"], returned["growth"] = event.points, event.growth
@@ -215,25 +215,25 @@ def _points_clawed_back(rows: _Batch, envelope: Envelope, event: ev.PointsClawed
     summary["debt"] += event.debt
 
 
-def _points_redeemed(rows: _Batch, envelope: Envelope, event: ev.PointsRedeemed) -> None:
+def _points_redeemed(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsRedeemed) -> None:
     _summary(rows, envelope)["lifetime_redeemed"] += event.points
 
 
-def _redemption_reversed(rows: _Batch, envelope: Envelope, event: ev.RedemptionReversed) -> None:
+def _redemption_reversed(rows: _Batch, envelope: FeedEnvelope, event: ev.RedemptionReversed) -> None:
     _summary(rows, envelope)["lifetime_redeemed"] -= event.points
 
 
-def _points_adjusted(rows: _Batch, envelope: Envelope, event: ev.PointsAdjusted) -> None:
+def _points_adjusted(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsAdjusted) -> None:
     summary = _summary(rows, envelope)
     summary["lifetime_adjusted"] += event.points
     summary["debt"] -= event.debt_paid
 
 
-def _coupon_issued(rows: _Batch, envelope: Envelope, event: ev.CouponIssued) -> None:
+def _coupon_issued(rows: _Batch, envelope: FeedEnvelope, event: ev.CouponIssued) -> None:
     _summary(rows, envelope)["lifetime_redeemed"] += event.points_cost
 
 
-def _tier_changed(rows: _Batch, envelope: Envelope, event: ev.TierChanged) -> None:
+def _tier_changed(rows: _Batch, envelope: FeedEnvelope, event: ev.TierChanged) -> None:
     summary = _summary(rows, envelope)
     summary["tier"], summary["hold_until"] = event.to_tier, event.hold_until
     rows.new_tiers.append(
@@ -245,7 +245,7 @@ def _tier_changed(rows: _Batch, envelope: Envelope, event: ev.TierChanged) -> No
     )
 
 
-_APPLIERS: dict[type, Callable[[_Batch, Envelope, Any], None]] = {
+_APPLIERS: dict[type, Callable[[_Batch, FeedEnvelope, Any], None]] = {
     ev.MemberEnrolled: _enrolled,
     ev.PurchaseRecorded: _purchase_recorded,
     ev.PointsEarned: _points_earned,

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import asyncpg
 
 from events import catalogue as ev
-from events.envelope import Envelope
 from ledger.state import Bucket, MemberState, Totals
-from projections.tables import Row, Rows, Target, apply_in_memory, decoded, insert_rows
+from projections.feed import Decoded, FeedEnvelope
+from projections.tables import Row, Rows, Target, apply_in_memory, insert_rows
 
 NAME = "points"
 TABLES = ("point_buckets", "ledger_lines")
@@ -97,7 +97,7 @@ class _Batch:
         self.last_line: dict[str, tuple[int, int]] = {}  # stream_id -> (line, running_balance)
         self.new_lines: list[Row] = []
 
-    async def load(self, conn: asyncpg.Connection, batch: list[tuple[Envelope, ev.Event]]) -> None:
+    async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
         await self.buckets.load(conn, [(e.stream_id, b) for e, x in batch for b in _buckets_named(x)])
         rows = await conn.fetch(
             f"""SELECT DISTINCT ON (stream_id) stream_id, line, running_balance FROM {self.lines_table}
@@ -110,12 +110,12 @@ class _Batch:
         await self.buckets.save(conn)
         await insert_rows(conn, self.lines_table, LINE_COLUMNS, self.new_lines)
 
-    def bucket(self, envelope: Envelope, bucket_id: str) -> Row:
+    def bucket(self, envelope: FeedEnvelope, bucket_id: str) -> Row:
         bucket = self.buckets.get(envelope.stream_id, bucket_id)
         assert bucket is not None, f"{envelope.type} at {envelope.position} names unknown bucket {bucket_id}"
         return bucket
 
-    def line(self, envelope: Envelope, kind: str, points: int, bucket_id: str | None, ref: str, reason: str) -> None:
+    def line(self, envelope: FeedEnvelope, kind: str, points: int, bucket_id: str | None, ref: str, reason: str) -> None:
         if points == 0:
             return
         number, balance = self.last_line.get(envelope.stream_id, (0, 0))
@@ -129,7 +129,7 @@ class _Batch:
             }
         )
 
-    def credit(self, envelope: Envelope, new: ev.NewBucket, ref: str) -> None:
+    def credit(self, envelope: FeedEnvelope, new: ev.NewBucket, ref: str) -> None:
         self.buckets.put(
             {
                 "stream_id": envelope.stream_id, "bucket_id": new.bucket_id, "ref": ref,
@@ -138,7 +138,7 @@ class _Batch:
             }
         )
 
-    def move(self, envelope: Envelope, kind: str, parts: list[ev.BucketPoints], sign: int, ref: str, reason: str) -> None:
+    def move(self, envelope: FeedEnvelope, kind: str, parts: list[ev.BucketPoints], sign: int, ref: str, reason: str) -> None:
         """Take points from (sign -1) or give them back to (sign +1) buckets, one line each."""
         for part in parts:
             bucket = self.buckets.touch(self.bucket(envelope, part.bucket_id))
@@ -157,11 +157,11 @@ def _buckets_named(event: ev.Event) -> list[str]:
     return named
 
 
-async def apply(conn: asyncpg.Connection, envelopes: list[Envelope], target: Target) -> None:
-    await apply_in_memory(conn, decoded(envelopes, EVENT_TYPES), _Batch(target), _APPLIERS)
+async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
+    await apply_in_memory(conn, batch, _Batch(target), _APPLIERS)
 
 
-def _burned(rows: _Batch, envelope: Envelope, kind: str, event, ref: str, reason: str) -> None:
+def _burned(rows: _Batch, envelope: FeedEnvelope, kind: str, event, ref: str, reason: str) -> None:
     """A burn's lines; and, for points the expire job had already written off that this late burn
     (dated before expires_at) spent, a line taking that expiry back: the trail stays equal to the balance."""
     rows.move(envelope, kind, event.buckets, -1, ref, reason)
@@ -170,25 +170,25 @@ def _burned(rows: _Batch, envelope: Envelope, kind: str, event, ref: str, reason
         rows.line(envelope, "expire", part.points, part.bucket_id, ref, "expiry taken back: spent before expires_at")
 
 
-def _earned(rows: _Batch, envelope: Envelope, event: ev.PointsEarned) -> None:
+def _earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
     if event.bucket is not None:
         rows.credit(envelope, event.bucket, event.purchase_id)
         rows.line(envelope, "earn", event.bucket.amount, event.bucket.bucket_id, event.purchase_id, "purchase")
     rows.line(envelope, "earn", event.debt_paid, None, event.purchase_id, "purchase pays debt")
 
 
-def _clawed_back(rows: _Batch, envelope: Envelope, event: ev.PointsClawedBack) -> None:
+def _clawed_back(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsClawedBack) -> None:
     _burned(rows, envelope, "clawback", event, event.return_id, f"return of {event.purchase_id}")
     rows.line(envelope, "clawback", -event.debt, None, event.return_id, f"return of {event.purchase_id}: owed (debt)")
     # A written-off shortfall (absorb) moves no points: no line.
 
 
-def _redeemed(rows: _Batch, envelope: Envelope, event: ev.PointsRedeemed) -> None:
+def _redeemed(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsRedeemed) -> None:
     reason = f"redemption for order {event.order_ref}" if event.order_ref else "redemption"
     _burned(rows, envelope, "redeem", event, event.redemption_id, reason)
 
 
-def _reversed(rows: _Batch, envelope: Envelope, event: ev.RedemptionReversed) -> None:
+def _reversed(rows: _Batch, envelope: FeedEnvelope, event: ev.RedemptionReversed) -> None:
     rows.move(envelope, "redeem_reversal", event.buckets, +1, event.redemption_id, "redemption reversed")
     for part in event.expired:
         # Restored into a bucket already past expires_at: expired at once.
@@ -196,12 +196,12 @@ def _reversed(rows: _Batch, envelope: Envelope, event: ev.RedemptionReversed) ->
         rows.line(envelope, "expire", -part.points, part.bucket_id, event.redemption_id, "restored after expiry")
 
 
-def _expired(rows: _Batch, envelope: Envelope, event: ev.PointsExpired) -> None:
+def _expired(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsExpired) -> None:
     bucket = rows.bucket(envelope, event.bucket_id)
     rows.line(envelope, "expire", -event.points, event.bucket_id, bucket["ref"], "expired")
 
 
-def _adjusted(rows: _Batch, envelope: Envelope, event: ev.PointsAdjusted) -> None:
+def _adjusted(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsAdjusted) -> None:
     if event.bucket is not None:
         rows.credit(envelope, event.bucket, event.adjustment_id)
         rows.line(envelope, "adjust", event.bucket.amount, event.bucket.bucket_id, event.adjustment_id, event.reason)
@@ -209,11 +209,11 @@ def _adjusted(rows: _Batch, envelope: Envelope, event: ev.PointsAdjusted) -> Non
     _burned(rows, envelope, "adjust", event, event.adjustment_id, event.reason)
 
 
-def _coupon_bought(rows: _Batch, envelope: Envelope, event: ev.CouponIssued) -> None:
+def _coupon_bought(rows: _Batch, envelope: FeedEnvelope, event: ev.CouponIssued) -> None:
     _burned(rows, envelope, "coupon_purchase", event, event.coupon_id, f"coupon {event.template}")
 
 
-_APPLIERS: dict[type, Callable[[_Batch, Envelope, Any], None]] = {
+_APPLIERS: dict[type, Callable[[_Batch, FeedEnvelope, Any], None]] = {
     ev.PointsEarned: _earned,
     ev.PointsClawedBack: _clawed_back,
     ev.PointsRedeemed: _redeemed,

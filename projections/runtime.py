@@ -20,6 +20,10 @@ reads ``(checkpoint, head]`` and, when it holds fewer events than the batch
 size, has seen all of them. A projection that filters event types can then
 move its checkpoint to that head, and its lag reads zero when it is caught up.
 
+The projectors of one process read the feed through one ``SharedFeed``
+(``projections/feed.py``), so each window is read and decoded once for all
+of them; it is a cache of immutable rows, and none of the above depends on it.
+
 Rebuild: ``request_rebuild`` adds a checkpoint row ``<name>__shadow`` and
 marks the projection ``rebuilding``. The lease holder then, between its live
 batches, applies the log from position 0 into shadow tables
@@ -42,12 +46,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import asyncpg
 from prometheus_client import CollectorRegistry, Gauge
 
-from events.envelope import Envelope
 from ledger.clock import Clock, system_clock
 from ledger.database import SCHEMA_LOCK_KEY
 from ledger.programme import Programme
-from ledger.store import NOTIFY_CHANNEL, envelope_from_row
+from ledger.store import NOTIFY_CHANNEL
 from projections import coupons, liability, members, points
+from projections.feed import SharedFeed, read_window
 from projections.tables import SHADOW_SUFFIX, Target, live, shadow
 
 log = logging.getLogger("loyalty.projections")
@@ -70,14 +74,6 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 # the points projection's last-line query at 100-180 ms a batch), so each query is planned for
 # the tables as they are; planning costs well under a millisecond a batch.
 PLAN_EVERY_QUERY = "SET plan_cache_mode = force_custom_plan"
-
-_FEED = """
-SELECT position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,
-       command_id, actor, programme_version, data::text AS data, hash
-FROM events WHERE position > $1 AND position <= $2 AND type = ANY($3::text[])
-ORDER BY position LIMIT $4
-"""
-
 
 def projection(name: str) -> ModuleType:
     if name not in PROJECTIONS:
@@ -127,11 +123,6 @@ async def recreate_tables(conn: asyncpg.Connection, module: ModuleType, target: 
 # -- one batch ------------------------------------------------------------------------------
 
 
-async def read_feed(conn, after: int, upto: int, limit: int, types: Sequence[str]) -> list[Envelope]:
-    rows = await conn.fetch(_FEED, after, upto, sorted(types), limit)
-    return [envelope_from_row(row) for row in rows]
-
-
 async def project_batch(
     conn: asyncpg.Connection,
     module: ModuleType,
@@ -139,11 +130,14 @@ async def project_batch(
     *,
     until: int | None = None,
     batch_size: int = BATCH_EVENTS_MAX,
+    feed: SharedFeed | None = None,
 ) -> tuple[int, int]:
     """Apply the next batch after the checkpoint and move it, in one transaction.
 
-    Reads at most ``batch_size`` events in ``(checkpoint, min(head, until)]``.
-    Returns the checkpoint before and after.
+    Reads at most ``batch_size`` events in ``(checkpoint, min(head, until)]``,
+    from ``feed`` when the projectors of this process share one (its windows
+    hold the events of all their types, and may have been read by another of
+    them). Returns the checkpoint before and after.
     """
     name = checkpoint_name(module, target)
     head = await conn.fetchval("SELECT position FROM event_head")
@@ -154,24 +148,27 @@ async def project_batch(
             raise LookupError(f"no checkpoint {name!r}: run ensure_tables (or request the rebuild) first")
         if before >= upto:
             return before, before
-        envelopes = await read_feed(conn, before, upto, batch_size, module.EVENT_TYPES)
-        if envelopes:
-            assert envelopes[0].position > before and envelopes[-1].position <= upto
-            await module.apply(conn, envelopes, target)
-        after = envelopes[-1].position if len(envelopes) == batch_size else upto
+        if feed is None:
+            window = await read_window(conn, before, upto, batch_size, module.EVENT_TYPES)
+        else:
+            window = await feed.window(conn, module, before, upto, batch_size)
+        assert window.after == before and before < window.end <= upto
+        batch = [pair for pair in window.events if pair[0].type in module.EVENT_TYPES]
+        if batch:
+            await module.apply(conn, batch, target)
         await conn.execute(
-            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1", name, after
+            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1", name, window.end
         )
-    return before, after
+    return before, window.end
 
 
 async def catch_up(
     conn: asyncpg.Connection, module: ModuleType, target: Target, *, until: int | None = None,
-    batch_size: int = BATCH_EVENTS_MAX,
+    batch_size: int = BATCH_EVENTS_MAX, feed: SharedFeed | None = None,
 ) -> int:
     """Apply batches until the checkpoint reaches the head (or ``until``); returns the checkpoint."""
     while True:
-        before, after = await project_batch(conn, module, target, until=until, batch_size=batch_size)
+        before, after = await project_batch(conn, module, target, until=until, batch_size=batch_size, feed=feed)
         if after == before:
             return after
 
@@ -408,12 +405,14 @@ class Projector:
         *,
         batch_size: int = BATCH_EVENTS_MAX,
         board: ProgressBoard | None = None,
+        feed: SharedFeed | None = None,
     ) -> None:
         self.module = module
         self.connect = connect
         self.programme = programme
         self.batch_size = batch_size
         self.board = board
+        self.feed = feed
         self.leading = False
         self.failures = 0
 
@@ -443,11 +442,15 @@ class Projector:
                 await asyncio.sleep(FAILURE_BACKOFF_S[min(self.failures, len(FAILURE_BACKOFF_S)) - 1])
             finally:
                 self.leading = False
+                if self.feed is not None:
+                    self.feed.forget(self.module)
                 if conn is not None:
                     await _close(conn)  # releases the lease with the session
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
         self.leading = True
+        if self.feed is not None:
+            self.feed.join(self.module)
         wake = asyncio.Event()
         for channel in (NOTIFY_CHANNEL, REBUILD_CHANNEL):
             await conn.add_listener(channel, lambda *_args: wake.set())
@@ -459,7 +462,9 @@ class Projector:
 
     async def step(self, conn: asyncpg.Connection) -> bool:
         """One live batch, then one rebuild step if one is requested; False when there was nothing to do."""
-        before, after = await project_batch(conn, self.module, live(self.programme), batch_size=self.batch_size)
+        before, after = await project_batch(
+            conn, self.module, live(self.programme), batch_size=self.batch_size, feed=self.feed
+        )
         if after != before and self.board is not None:
             self.board.advanced(self.name)
         rebuilding = await rebuild_step(conn, self.module, self.programme, self.batch_size)
@@ -503,9 +508,12 @@ class ProjectionRuntime:
         batch_size: int = BATCH_EVENTS_MAX,
     ) -> None:
         self.service = service
+        modules = [projection(name) for name in (PROJECTIONS if names is None else names)]
+        # Their live batches share one read and one decoding of each window of the feed.
+        feed = SharedFeed(set().union(*(m.EVENT_TYPES for m in modules)))
         self.projectors = [
-            Projector(projection(name), connect, service.programme, batch_size=batch_size, board=service.board)
-            for name in (PROJECTIONS if names is None else names)
+            Projector(module, connect, service.programme, batch_size=batch_size, board=service.board, feed=feed)
+            for module in modules
         ]
         self._tasks: list[asyncio.Task] = []
 

@@ -15,9 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import asyncpg
 
-from events.codec import from_data
-from events.envelope import Envelope
 from ledger.programme import Programme
+from projections.feed import Decoded
 
 SHADOW_SUFFIX = "__shadow"
 
@@ -147,12 +146,7 @@ async def insert_rows(conn: asyncpg.Connection, table: str, columns: Sequence[st
                                          columns=columns)
 
 
-def decoded(envelopes: list[Envelope], event_types: frozenset[str]) -> list[tuple[Envelope, Any]]:
-    """The batch's events a projection reads, decoded (upcast) into their structs."""
-    return [(e, from_data(e.type, e.schema_version, e.data)) for e in envelopes if e.type in event_types]
-
-
-async def apply_in_memory(conn: asyncpg.Connection, batch: list[tuple[Envelope, Any]], rows: Any, appliers) -> None:
+async def apply_in_memory(conn: asyncpg.Connection, batch: list[Decoded], rows: Any, appliers) -> None:
     """Load the rows a batch touches, apply its events in log order, write the changed rows back."""
     await rows.load(conn, batch)
     for envelope, event in batch:
