@@ -4,13 +4,13 @@
 
 Variants (each a patch applied before the service starts, nothing else):
 
-- ``default``: the service as shipped (uvloop, asyncpg's statement cache, pool reset on release);
+- ``default``: the service as shipped (uvloop, asyncpg's statement cache, no reset query on release, GC tuned);
 - ``asyncio``: the standard library's event loop instead of uvloop;
 - ``no_statement_cache``: asyncpg's ``statement_cache_size=0``: every query parsed and planned
   again (what "no prepared statements" costs; asyncpg prepares and caches by default);
-- ``light_reset``: the pool returns a connection without asyncpg's reset round trip
-  (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), rolling back only
-  when a transaction was left open;
+- ``full_reset``: asyncpg's own reset query on every release to the pool
+  (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``) instead of
+  ``ledger.database._keep_session``;
 - ``reuse_port``: the listening socket with SO_REUSEPORT, so that several processes share the port;
 - ``default_gc``: Python's own collector thresholds (700, 10, 10) and nothing frozen, instead of
   ``service.tune_garbage_collector``.
@@ -32,26 +32,23 @@ def apply(variant: str) -> None:
     if variant == "asyncio":
         service.uvloop = types.SimpleNamespace(run=asyncio.run)
         return
-    if variant in ("no_statement_cache", "light_reset"):
-        original = database.create_pool
-
-        async def light_reset(conn) -> None:
-            if conn.is_in_transaction():
-                await conn.execute("ROLLBACK")
-
-        extra = {"statement_cache_size": 0} if variant == "no_statement_cache" else {"reset": light_reset}
-
+    if variant == "no_statement_cache":
         async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10):
             import asyncpg
 
             return await asyncpg.create_pool(
                 url, min_size=min_size, max_size=max_size, init=database._init_connection,
-                server_settings={"statement_timeout": "30s", "application_name": "loyalty"},
-                command_timeout=40, **extra,
+                reset=database._keep_session, statement_cache_size=0,
+                server_settings={"statement_timeout": "30s", "application_name": "loyalty"}, command_timeout=40,
             )
 
-        assert original is not None
         database.create_pool = create_pool
+        return
+    if variant == "full_reset":
+        async def full_reset(conn) -> None:
+            await conn.execute(conn.get_reset_query())
+
+        database._keep_session = full_reset
         return
     if variant == "default_gc":
         service.tune_garbage_collector = lambda: None
