@@ -165,7 +165,7 @@ _ADD_SUMS = ", ".join(f"{name} = t.{name} + excluded.{name}" for name in SUMS)
 
 async def _save_moments(conn: asyncpg.Connection, by_moment: dict[datetime, dict[str, int]], target: Target) -> None:
     await upsert(conn, target.table("liability_moments"), ("at",), ("at", *SUMS),
-                 [(at, *(sums[name] for name in SUMS)) for at, sums in sorted(by_moment.items())], _ADD_SUMS)
+                 [{"at": at, **sums} for at, sums in sorted(by_moment.items())], _ADD_SUMS)
 
 
 async def _save_months(conn: asyncpg.Connection, by_moment: dict[datetime, dict[str, int]], target: Target) -> None:
@@ -176,7 +176,8 @@ async def _save_months(conn: asyncpg.Connection, by_moment: dict[datetime, dict[
         for name in SUMS:
             month[name] += sums[name]
     await upsert(conn, target.table("liability_months"), ("month",), ("month", "starts_at", "ends_at", *SUMS),
-                 [(*month, *(sums[name] for name in SUMS)) for month, sums in sorted(by_month.items())], _ADD_SUMS)
+                 [{"month": label, "starts_at": starts_at, "ends_at": ends_at, **sums}
+                  for (label, starts_at, ends_at), sums in sorted(by_month.items())], _ADD_SUMS)
 
 
 # -- reads ------------------------------------------------------------------------------------
