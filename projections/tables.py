@@ -11,7 +11,8 @@ batch's length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from operator import itemgetter
+from typing import Any, Callable, Iterable, Sequence
 
 import asyncpg
 import msgspec
@@ -55,6 +56,9 @@ class Rows:
         self.table = table
         self.key = tuple(key)
         self.columns = tuple(columns)
+        self._column_set = frozenset(columns)
+        # itemgetter gives a tuple only for two names or more
+        self.key_of: Callable[[Row], Key] = itemgetter(*key) if len(key) > 1 else lambda row: (row[key[0]],)
         self._rows: dict[Key, Row] = {}
         self._dirty: set[Key] = set()
 
@@ -75,15 +79,12 @@ class Rows:
             record = dict(row)
             self._rows[self.key_of(record)] = record
 
-    def key_of(self, row: Row) -> Key:
-        return tuple(row[column] for column in self.key)
-
     def get(self, *key: str) -> Row | None:
         return self._rows.get(key)
 
     def put(self, row: Row) -> Row:
         """Add or replace a row; it is written back by ``save``."""
-        assert set(row) == set(self.columns), (self.table, sorted(set(row) ^ set(self.columns)))
+        assert row.keys() == self._column_set, (self.table, sorted(row.keys() ^ self._column_set))
         key = self.key_of(row)
         self._rows[key] = row
         self._dirty.add(key)
