@@ -33,6 +33,7 @@ import asyncpg
 
 from events import catalogue as ev
 from ledger.programme import Programme
+from projections import points
 from projections.feed import Decoded, FeedEnvelope
 from projections.tables import Rows, Target, upsert
 
@@ -108,7 +109,8 @@ class _Deltas:
 
 async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
     deltas = _Deltas(target)
-    await deltas.buckets.load(conn, [(e.stream_id, p.bucket_id) for e, x in batch for p in getattr(x, "buckets", [])])
+    await deltas.buckets.load(conn, [(e.stream_id, p.bucket_id) for e, x in batch for p in getattr(x, "buckets", [])],
+                              created=points.credited(batch))
     for envelope, event in batch:
         _APPLIERS[type(event)](deltas, envelope.occurred_at, envelope, event)
     await deltas.buckets.save(conn)

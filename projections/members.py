@@ -130,9 +130,14 @@ class _Batch:
         self.new_tiers: list[Row] = []
 
     async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
-        await self.summaries.load(conn, [(e.stream_id,) for e, _ in batch])
-        await self.purchases.load(conn, [(e.stream_id, x.purchase_id) for e, x in batch if hasattr(x, "purchase_id")])
-        await self.returns.load(conn, [(e.stream_id, x.return_id) for e, x in batch if hasattr(x, "return_id")])
+        await self.summaries.load(conn, [(e.stream_id,) for e, _ in batch],
+                                  created=[(e.stream_id,) for e, x in batch if isinstance(x, ev.MemberEnrolled)])
+        await self.purchases.load(conn, [(e.stream_id, x.purchase_id) for e, x in batch if hasattr(x, "purchase_id")],
+                                  created=[(e.stream_id, x.purchase_id) for e, x in batch
+                                           if isinstance(x, ev.PurchaseRecorded)])
+        await self.returns.load(conn, [(e.stream_id, x.return_id) for e, x in batch if hasattr(x, "return_id")],
+                                created=[(e.stream_id, x.return_id) for e, x in batch
+                                         if isinstance(x, ev.PurchaseReturned)])
 
     async def save(self, conn: asyncpg.Connection) -> None:
         await self.summaries.save(conn)

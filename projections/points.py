@@ -98,7 +98,8 @@ class _Batch:
         self.new_lines: list[Row] = []
 
     async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
-        await self.buckets.load(conn, [(e.stream_id, b) for e, x in batch for b in _buckets_named(x)])
+        await self.buckets.load(conn, [(e.stream_id, b) for e, x in batch for b in _buckets_named(x)],
+                                created=credited(batch))
         rows = await conn.fetch(
             f"""SELECT DISTINCT ON (stream_id) stream_id, line, running_balance FROM {self.lines_table}
                 WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, line DESC""",
@@ -145,6 +146,11 @@ class _Batch:
             bucket["remaining"] += sign * part.points
             assert 0 <= bucket["remaining"] <= bucket["amount"], (envelope.position, bucket)
             self.line(envelope, kind, sign * part.points, part.bucket_id, ref, reason)
+
+
+def credited(batch: list[Decoded]) -> list[tuple[str, str]]:
+    """The buckets the batch's credits create (a purchase's earn, a positive adjustment)."""
+    return [(e.stream_id, x.bucket.bucket_id) for e, x in batch if getattr(x, "bucket", None) is not None]
 
 
 def _buckets_named(event: ev.Event) -> list[str]:

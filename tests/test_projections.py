@@ -163,6 +163,18 @@ async def test_two_appliers_racing_on_one_projection_apply_each_batch_once(pool,
     await assert_same_as_a_rebuild_and_the_replay(pool, shop)
 
 
+async def test_a_row_an_event_creates_that_exists_already_fails_the_batch_and_changes_nothing(pool, shop):
+    """Rows that events create are inserted, not upserted: applying a creation twice cannot pass silently."""
+    await project_all(pool)
+    before = await all_rows(pool)
+    await pool.execute("UPDATE projection_checkpoints SET position = 0 WHERE name = 'coupons'")  # a lost checkpoint
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await catch_up(conn, coupons, live(PROGRAMME))
+    assert await checkpoint(pool, "coupons") == 0
+    assert await all_rows(pool) == before
+
+
 async def test_one_projector_per_projection_holds_the_lease_and_a_standby_takes_over(pool, shop, connect, monkeypatch):
     monkeypatch.setattr(runtime, "LEASE_RETRY_S", 0.05)
     active, standby = Projector(coupons, connect, PROGRAMME), Projector(coupons, connect, PROGRAMME)
