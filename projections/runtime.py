@@ -58,7 +58,11 @@ log = logging.getLogger("loyalty.projections")
 
 PROJECTIONS: dict[str, ModuleType] = {m.NAME: m for m in (members, points, coupons, liability)}
 
-BATCH_EVENTS_MAX = 1000
+# Only a projector behind the head fills a batch. Per batch it pays about ten round trips (and
+# the shared feed keeps up to five windows of this size, ~4 KB an event): 5,000 against 1,000
+# took a rebuild of members over 1M events from 29-30k to 37-38k events/s, the projector's
+# RSS from 54 to 74 MB.
+BATCH_EVENTS_MAX = 5000
 IDLE_POLL_S = 1.0  # a caught-up projector re-reads the head this often even without a notification
 LEASE_RETRY_S = 2.0  # how soon a standby takes over a dead projector's lease
 FAILURE_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
