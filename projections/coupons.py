@@ -52,7 +52,7 @@ def ddl(target: Target) -> list[str]:
 async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
     coupons = Rows(target.table("member_coupons"), ("stream_id", "coupon_id"), COLUMNS)
     await coupons.load(conn, [(e.stream_id, x.coupon_id) for e, x in batch],
-                       created=[(e.stream_id, x.coupon_id) for e, x in batch if isinstance(x, ev.CouponIssued)])
+                       created=[(e.stream_id, x.coupon_id) for e, x in batch if type(x) is ev.CouponIssued])
     for envelope, event in batch:
         _APPLIERS[type(event)](coupons, envelope, event)
     await coupons.save(conn)

@@ -158,7 +158,7 @@ def _buckets_named(event: ev.Event) -> list[str]:
     parts = getattr(event, "buckets", None) or []
     named = [p.bucket_id for p in parts]
     named += [p.bucket_id for p in getattr(event, "expired", []) + getattr(event, "unexpired", [])]
-    if isinstance(event, ev.PointsExpired):
+    if type(event) is ev.PointsExpired:
         named.append(event.bucket_id)
     return named
 
