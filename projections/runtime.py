@@ -79,6 +79,7 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 # the tables as they are; planning costs well under a millisecond a batch.
 PLAN_EVERY_QUERY = "SET plan_cache_mode = force_custom_plan"
 
+
 def projection(name: str) -> ModuleType:
     if name not in PROJECTIONS:
         raise LookupError(f"no projection {name!r}; projections are {', '.join(PROJECTIONS)}")

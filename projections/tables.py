@@ -2,10 +2,11 @@
 
 A projection writes either its live tables or a rebuild's shadow tables
 (``<table>__shadow``); ``Target`` names them. A batch of events touches a
-bounded set of rows, so ``Rows`` loads them in one query, lets the
-projection change them in memory in log order, and writes the changed ones
-back in one statement: two round trips per table per batch, whatever the
-batch's length.
+bounded set of rows, so ``Rows`` loads them in one query (but for the rows
+the batch creates), lets the projection change them in memory in log order,
+and writes them back in two statements, the created rows inserted and the
+changed ones upserted: at most three round trips per table per batch,
+whatever the batch's length.
 """
 
 from __future__ import annotations
