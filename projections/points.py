@@ -100,10 +100,11 @@ class _Batch:
     async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
         await self.buckets.load(conn, [(e.stream_id, b) for e, x in batch for b in _buckets_named(x)],
                                 created=credited(batch))
-        rows = await conn.fetch(
-            f"""SELECT DISTINCT ON (stream_id) stream_id, line, running_balance FROM {self.lines_table}
-                WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, line DESC""",
-            sorted({e.stream_id for e, _ in batch}),
+        rows = await conn.fetch(  # one index probe per member, however long its trail
+            f"""SELECT s.stream_id, last.line, last.running_balance FROM unnest($1::text[]) AS s (stream_id)
+                CROSS JOIN LATERAL (SELECT line, running_balance FROM {self.lines_table}
+                                    WHERE stream_id = s.stream_id ORDER BY line DESC LIMIT 1) AS last""",
+            list({e.stream_id for e, _ in batch}),
         )
         self.last_line = {r["stream_id"]: (r["line"], r["running_balance"]) for r in rows}
 
