@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -37,10 +36,6 @@ from projections.runtime import (
 
 COMMANDS = ("replay", "export", "import", "rebuild", "project")
 REBUILD_POLL_S = 0.5
-# A projector allocates a few container objects per event and keeps almost none beyond a
-# batch: with the default first threshold (700) the collector ran every few events and took
-# about a tenth of a catch-up's CPU, full collections walking the start-up heap included.
-GC_FIRST_THRESHOLD = 50_000
 
 
 def _time(text: str) -> datetime:
@@ -129,7 +124,6 @@ async def import_file(args: argparse.Namespace) -> int:
 async def rebuild(args: argparse.Namespace) -> int:
     """Request the rebuild and help run it: whichever process holds the lease does the work."""
     async with _database() as (url, pool, programme):
-        _settle_heap_for_projecting()
         await request_rebuild(pool, args.name)
         service = ProjectionService(pool, programme, system_clock)
         runtime = ProjectionRuntime(lambda: asyncpg.connect(url), service, names=[args.name])
@@ -152,16 +146,9 @@ async def _status(pool, name: str) -> dict[str, Any]:
     return next(s for s in await statuses(pool) if s["name"] == name)
 
 
-def _settle_heap_for_projecting() -> None:
-    """Start-up's objects out of the collector's way for good; batches collected seldom."""
-    gc.freeze()
-    gc.set_threshold(GC_FIRST_THRESHOLD, *gc.get_threshold()[1:])
-
-
 async def project(args: argparse.Namespace) -> int:
     """The projector worker: runs until SIGTERM or SIGINT."""
     async with _database() as (url, pool, programme):
-        _settle_heap_for_projecting()
         service = ProjectionService(pool, programme, system_clock)
         runtime = ProjectionRuntime(lambda: asyncpg.connect(url), service, names=args.only)
         await runtime.start()
