@@ -109,6 +109,7 @@ class Rows:
         await insert_rows(conn, self.table, self.columns, created)
         await upsert(conn, self.table, self.key, self.columns, changed, replaced(self.columns, self.key))
         self._dirty.clear()
+        self._created.clear()  # stored now: changed again, they are upserted
 
 
 # Rows travel to the database as one JSON text per statement, unpacked there by
