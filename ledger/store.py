@@ -202,9 +202,7 @@ class EventStore:
 
         With group commit started, the append joins the next transaction.
         """
-        if self._group is not None:
-            return await self._group.submit(append)
-        [outcome] = await self.append_many([append])
+        [outcome] = await self.append_series([append])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -582,11 +580,6 @@ class GroupCommit:
         self.batch_max = batch_max
         self.queue: asyncio.Queue[tuple[Append, asyncio.Future]] = asyncio.Queue(queue_max)
         self.writer = asyncio.get_running_loop().create_task(self._write())
-
-    async def submit(self, append: Append) -> list[Envelope]:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((append, future))
-        return await future
 
     async def submit_many(self, appends: Sequence[Append]) -> list[list[Envelope] | Exception]:
         """Queue ``appends`` in order; each one's outcome (a failed transaction raises)."""
