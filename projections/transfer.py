@@ -17,6 +17,7 @@ not carried over; natural ids still refuse duplicates after an import.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable
@@ -28,7 +29,8 @@ from events.envelope import Envelope
 from ledger.store import NOTIFY_CHANNEL, EventStore, envelope_hash, insert_events
 
 EXPORT_BATCH_EVENTS = 5000
-IMPORT_BATCH_EVENTS = 2000
+IMPORT_BATCH_EVENTS = 20_000
+YIELD_EVERY_LINES = 100
 CSV_COLUMNS = (
     "position", "stream_id", "stream_version", "type", "schema_version", "occurred_at", "recorded_at",
     "command_id", "actor", "programme_version", "data", "hash",
@@ -89,16 +91,30 @@ class ImportReport:
 
 
 class _Importer:
+    """Checks each line, then writes the accepted ones a batch at a time.
+
+    A batch is written while the lines after it are read and checked: Python
+    checks the chain while PostgreSQL takes the previous COPY, on the other
+    core. One batch at most is in flight, and each writes only on the head
+    the previous one committed, so the order and the resumability are those
+    of writing batch after batch.
+    """
+
     def __init__(self, pool, batch_events: int) -> None:
         self.pool = pool
         self.batch_events = batch_events
         self.report = ImportReport()
+        self.start_position, self.start_hash = 0, GENESIS_HASH  # this database's head when the import began
+        self.accepted_position = 0  # of the last line committed, in flight or pending
         self.previous_hash: str | None = None  # of the file's previous line
         self.expected_position = 0
         self.pending: list[Envelope] = []
+        self.writing: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.report.head_position, self.report.head_hash = await EventStore(self.pool).head()
+        self.start_position, self.start_hash = await EventStore(self.pool).head()
+        self.report.head_position, self.report.head_hash = self.start_position, self.start_hash
+        self.accepted_position = self.start_position
 
     async def line(self, number: int, text: bytes) -> None:
         try:
@@ -107,15 +123,15 @@ class _Importer:
             raise ImportRefused(f"line {number}: not an exported envelope: {error}") from None
         self.report.read += 1
         await self._check_chain(number, envelope)
-        head = self.report.head_position + len(self.pending)
-        if envelope.position <= self.report.head_position:
-            if envelope.position == self.report.head_position and envelope.hash != self.report.head_hash:
+        if envelope.position <= self.start_position:
+            if envelope.position == self.start_position and envelope.hash != self.start_hash:
                 raise ImportRefused(f"line {number}: position {envelope.position} differs from this database's;"
                                     " the file is another history")
             self.report.skipped += 1
             return
-        if envelope.position != head + 1:
-            raise ImportRefused(f"line {number}: position {envelope.position} does not follow {head}")
+        if envelope.position != self.accepted_position + 1:
+            raise ImportRefused(f"line {number}: position {envelope.position} does not follow {self.accepted_position}")
+        self.accepted_position = envelope.position
         self.pending.append(envelope)
         if len(self.pending) >= self.batch_events:
             await self.flush()
@@ -135,16 +151,27 @@ class _Importer:
         """The hash the file's first line chains from: genesis, or this database's event before it."""
         if position == 1:
             return GENESIS_HASH
-        if position - 1 > self.report.head_position:
+        if position - 1 > self.start_position:
             raise ImportRefused(f"line {number}: the file starts at position {position}, but this database ends at"
-                                f" {self.report.head_position}; import the earlier part first")
+                                f" {self.start_position}; import the earlier part first")
         found = await self.pool.fetchval("SELECT hash FROM events WHERE position = $1", position - 1)
         return found.strip()
 
     async def flush(self) -> None:
-        if not self.pending:
-            return
-        rows, last = self.pending, self.pending[-1]
+        """Start writing the pending lines once the batch before them is committed."""
+        await self.drain()
+        if self.pending:
+            rows, self.pending = self.pending, []
+            self.writing = asyncio.create_task(self._write(rows))
+
+    async def drain(self) -> None:
+        """Wait for the batch in flight, if any; its failure is raised here."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            await writing
+
+    async def _write(self, rows: list[Envelope]) -> None:
+        last = rows[-1]
         async with self.pool.acquire() as conn, conn.transaction():
             head = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
             if (head["position"], head["hash"].strip()) != (self.report.head_position, self.report.head_hash):
@@ -159,18 +186,29 @@ class _Importer:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last.position))
         self.report.inserted += len(rows)
         self.report.head_position, self.report.head_hash = last.position, last.hash
-        self.pending = []
 
 
 async def import_lines(pool, lines: Iterable[bytes], batch_events: int = IMPORT_BATCH_EVENTS,
                        progress: Callable[[int], Any] | None = None) -> ImportReport:
-    """Import exported JSON lines (an open binary file, say); ``progress`` gets each line's byte count."""
+    """Import exported JSON lines (an open binary file, say); ``progress`` gets the bytes read, now and then."""
     importer = _Importer(pool, batch_events)
     await importer.start()
-    for number, text in enumerate(lines, start=1):
-        if text.strip():
-            await importer.line(number, text)
-        if progress is not None:
-            progress(len(text))
-    await importer.flush()
+    read_bytes = 0
+    try:
+        for number, text in enumerate(lines, start=1):
+            if text.strip():
+                await importer.line(number, text)
+            read_bytes += len(text)
+            if number % YIELD_EVERY_LINES == 0:
+                # Checking a line never waits, so without this the batch in
+                # flight would not move until the next one is due.
+                await asyncio.sleep(0)
+                if progress is not None:
+                    progress(read_bytes)
+                    read_bytes = 0
+        await importer.flush()
+    finally:
+        await importer.drain()
+    if progress is not None:
+        progress(read_bytes)
     return importer.report
