@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import asyncpg
 import pytest
 
 from ledger.commands import IdentityIn
@@ -79,6 +80,23 @@ async def test_an_import_refuses_a_changed_line_and_keeps_only_whole_verified_ba
     with pytest.raises(transfer.ImportRefused, match="line 13: the hash of position 13"):
         await transfer.import_lines(empty, lines, batch_events=5)
     assert (await EventStore(empty).head())[0] == 10  # two whole batches before the forged line
+
+
+async def test_a_batch_that_fails_while_the_next_is_checked_stops_the_import_there(pool, shop, empty):
+    """Batches are written while the lines after them are checked: a write's failure must still stop
+    the import, with the batches before it kept and nothing after it written."""
+    await empty.execute("""
+        CREATE FUNCTION refuse_position_8() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'position 8 refused for the test'; END $$;
+        CREATE TRIGGER refuse_position_8 BEFORE INSERT ON events FOR EACH ROW
+            WHEN (NEW.position = 8) EXECUTE FUNCTION refuse_position_8();
+    """)
+    lines = await exported(pool)
+    assert len(lines) > 15
+    with pytest.raises(asyncpg.RaiseError, match="position 8 refused"):
+        await transfer.import_lines(empty, lines, batch_events=5)
+    assert (await EventStore(empty).head())[0] == 5
+    assert await empty.fetchval("SELECT max(position) FROM events") == 5
 
 
 async def test_an_import_refuses_a_file_of_another_history(pool, shop, empty):
