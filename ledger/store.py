@@ -109,6 +109,14 @@ class Append:
 
 # What ``append_many`` reports for one command while the others commit.
 _APPEND_REFUSALS = (WrongExpectedVersion, IdentityTaken, AlreadyAnswered)
+# Failures of the connection or the server, not of one command: retrying each
+# command alone would only fail each again (and after a cut connection whether
+# the COMMIT landed is unknown).
+_NOT_ONE_COMMANDS_FAULT = (
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, too many connections
+)
 
 
 class VerifyReport(msgspec.Struct, kw_only=True):
@@ -243,6 +251,7 @@ class EventStore:
                 answered = await self._answered_keys(conn, appends)
                 versions = await self._stream_versions(conn, appends)
                 for append in appends:
+                    append.recorded, append.results = [], []  # an append retried alone (GroupCommit) starts afresh
                     try:
                         self._check_and_reserve(append, answered, versions)
                         if append.identities:
@@ -582,16 +591,18 @@ class GroupCommit:
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     async def submit_many(self, appends: Sequence[Append]) -> list[list[Envelope] | Exception]:
-        """Queue ``appends`` in order; each one's outcome (a failed transaction raises)."""
+        """Queue ``appends`` in order; each one's outcome. Raises if none of them committed for a reason
+        other than a refusal (a failed transaction); once one has committed, a failure is its own outcome."""
         futures = []
         for append in appends:
             futures.append(asyncio.get_running_loop().create_future())
             await self.queue.put((append, futures[-1]))
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, _APPEND_REFUSALS):
-                raise outcome
-        return outcomes
+        failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, _APPEND_REFUSALS)]
+        committed = any(not isinstance(o, BaseException) for o in outcomes)
+        if failures and (not committed or not all(isinstance(f, Exception) for f in failures)):
+            raise failures[0]  # nothing of these committed (or this is a cancellation): the failure answers
+        return outcomes  # some committed: each outcome answers its own append
 
     async def _write(self) -> None:
         while True:
@@ -599,7 +610,7 @@ class GroupCommit:
             while len(batch) < self.batch_max and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
-                outcomes = await self.store.append_many([append for append, _ in batch])
+                outcomes = await self._append_batch([append for append, _ in batch])
             except BaseException as failure:  # the whole transaction failed: tell every submitter
                 for _, future in batch:
                     if not future.done():
@@ -614,6 +625,32 @@ class GroupCommit:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+    async def _append_batch(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
+        """The batch in one transaction; if PostgreSQL refuses it, each append in one of its own.
+
+        One command the database refuses (a constraint, a trigger, a value out
+        of range, a deadlock) must not fail the commands that happened to
+        share its transaction. An error PostgreSQL reports means the
+        transaction rolled back, so each append is simply tried again alone,
+        in order; an append behind a failed one of its stream then fails its
+        expected version, as it would have. Failures of the connection or the
+        server are not retried here: the clients' retries with their keys
+        settle them.
+        """
+        try:
+            return await self.store.append_many(appends)
+        except asyncpg.PostgresError as failure:
+            if len(appends) == 1 or isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+                raise
+            log.warning("a group commit of %d appends failed (%s); retrying them one by one", len(appends), failure)
+        outcomes: list[list[Envelope] | Exception] = []
+        for append in appends:
+            try:
+                outcomes.extend(await self.store.append_many([append]))
+            except asyncpg.PostgresError as failure:
+                outcomes.append(failure)
+        return outcomes
 
     async def close(self) -> None:
         self.writer.cancel()

@@ -52,6 +52,36 @@ async def test_group_commit_refuses_one_command_and_keeps_the_others(store):
     assert (await store.verify()).ok
 
 
+async def test_a_command_the_database_refuses_fails_alone_in_a_group_commit(store, pool):
+    """One append PostgreSQL refuses (here a trigger; in life a constraint or a value out of range) fails
+    its own command only: the commands that shared its transaction are retried alone and commit."""
+    await pool.execute("""
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'stream poison refused for the test'; END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW
+            WHEN (NEW.stream_id = 'poison' OR NEW.data->>'purchase_id' = 'p666') EXECUTE FUNCTION refuse_poison();
+    """)
+    store.start_group_commit()
+    try:
+        appends = [Append(f"g{n}", 0, [purchase(n)]) for n in range(30)]
+        appends.insert(15, Append("poison", 0, [purchase(99)]))
+        results = await asyncio.gather(*(store.append(a) for a in appends), return_exceptions=True)
+        failed = [a.stream_id for a, r in zip(appends, results) if isinstance(r, Exception)]
+        assert failed == ["poison"] and isinstance(results[15], asyncpg.RaiseError)
+        # A series whose second append is refused: the first commits and is answered as committed;
+        # the third expected the second's version and is refused for it.
+        series = await store.append_series(
+            [Append("s", 0, [purchase(100)]), Append("s", 1, [purchase(666)]), Append("s", 2, [purchase(101)])]
+        )
+        assert [e.stream_version for e in series[0]] == [1]
+        assert isinstance(series[1], asyncpg.RaiseError) and isinstance(series[2], WrongExpectedVersion)
+    finally:
+        await store.stop_group_commit()
+    assert sorted(e.stream_id for e in await store.read_all(0, 1000)) == sorted([f"g{n}" for n in range(30)] + ["s"])
+    assert await store.read_stream("poison") == []
+    assert (await store.verify()).ok
+
+
 async def test_an_identity_belongs_to_one_member(store):
     await store.append(Append("m1", 0, [purchase(1)], identities=[("phone", "1")]))
     with pytest.raises(IdentityTaken):
