@@ -256,19 +256,9 @@ async def problems_and_metrics(request: web.Request, handler):
         log.warning("%s %s did not finish within its deadline: answered 503", request.method, request.path)
         response = problem_response(503, "request_timeout", "the request did not finish in time (the database is slow "
                                     "or unreachable); retry with the same Idempotency-Key", {"Retry-After": "1"})
-    except (asyncio.TimeoutError, OSError) as failure:
-        log.warning("database unavailable on %s %s: %s", request.method, request.path, failure)
-        response = problem_response(503, "database_unavailable", "the database is not reachable; retry", {"Retry-After": "1"})
     except Exception as failure:  # the last line of defence: a 5xx is never stored as an answer
-        if _is_unchecked_input(request, failure):
-            log.warning("a value out of the database's range on %s %s: %s", request.method, request.path, failure)
-            response = problem_response(422, "validation_failed", "a value in the request is out of range")
-        elif _is_connection_failure(failure):
-            log.warning("database unavailable on %s %s: %s", request.method, request.path, failure)
-            response = problem_response(503, "database_unavailable", "the database is not reachable; retry", {"Retry-After": "1"})
-        else:
-            log.exception("unexpected failure on %s %s", request.method, request.path)
-            response = problem_response(500, "internal_error", "an unexpected error; it has been logged")
+        answer = unexpected_failure(failure, f"{request.method} {request.path}", reading=request.method == "GET")
+        response = problem_response(answer.status, answer.code, answer.detail, answer.headers)
     route = route_name(request)
     metrics.requests.labels(request.method, route, str(response.status)).inc()
     metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
@@ -327,7 +317,19 @@ def _forget_result(task: asyncio.Task) -> None:
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
-def _is_unchecked_input(request: web.Request, failure: Exception) -> bool:
+def unexpected_failure(failure: Exception, where: str, reading: bool = False) -> HttpProblem:
+    """The answer to an exception no handler turned into one, logged with ``where`` it happened."""
+    if _is_unchecked_input(failure, reading):
+        log.warning("a value out of the database's range on %s: %s", where, failure)
+        return HttpProblem(422, "validation_failed", "a value in the request is out of range")
+    if isinstance(failure, (asyncio.TimeoutError, OSError)) or _is_connection_failure(failure):
+        log.warning("database unavailable on %s: %s", where, failure)
+        return HttpProblem(503, "database_unavailable", "the database is not reachable; retry", {"Retry-After": "1"})
+    log.error("unexpected failure on %s", where, exc_info=failure)
+    return HttpProblem(500, "internal_error", "an unexpected error; it has been logged")
+
+
+def _is_unchecked_input(failure: Exception, reading: bool) -> bool:
     """A request value the handler passed on unchecked and the database refused.
 
     A gap in the handler's validation, but the client's input: 422, not 500
@@ -336,7 +338,7 @@ def _is_unchecked_input(request: web.Request, failure: Exception) -> bool:
     """
     if isinstance(failure, asyncpg.exceptions._base.DataError):  # asyncpg could not encode an argument
         return True
-    return request.method == "GET" and isinstance(failure, asyncpg.exceptions.DataError)  # SQLSTATE class 22
+    return reading and isinstance(failure, asyncpg.exceptions.DataError)  # SQLSTATE class 22
 
 
 def _is_connection_failure(failure: Exception) -> bool:
@@ -622,7 +624,17 @@ async def run_batch_lines(
     ledger = app[LEDGER]
 
     async def run_series(member_id: str, lines: list[tuple[int, Request]]) -> None:
-        outcomes = await ledger.execute_series(member_id, [request for _, request in lines])
+        try:
+            outcomes = await ledger.execute_series(member_id, [request for _, request in lines])
+        except Exception as failure:
+            # This member's lines only: the other members' lines have their
+            # answers. Some of these may have committed; each line's retry
+            # (same ids, same key) answers it exactly once either way.
+            answer = unexpected_failure(failure, f"the batch lines of {member_id}")
+            body = encode_json(problem(answer.status, answer.code, answer.detail + f"; retry {member_id}'s lines"))
+            for index, _ in lines:
+                results[index] = answer.status, body
+            return
         for (index, _), outcome in zip(lines, outcomes, strict=True):
             results[index] = outcome.status, outcome.body
         record_head(app, outcomes)

@@ -222,6 +222,32 @@ async def test_batch_runs_each_line_as_its_own_command_in_order(api):
     assert results[1]["body"]["points"] == 25
 
 
+async def test_a_database_failure_on_one_members_lines_fails_only_those_lines(api, pool):
+    """A member whose append PostgreSQL refuses (a trigger here) gets a 500 problem on each of its lines;
+    the other members' lines in the same batch keep their own answers and are committed once."""
+    for member_id in ("ok1", "bad", "ok2"):
+        await api.enrol(member_id)
+    await pool.execute("""
+        CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'member bad refused for the test'; END $$;
+        CREATE TRIGGER refuse_bad BEFORE INSERT ON events FOR EACH ROW
+            WHEN (NEW.stream_id = 'bad') EXECUTE FUNCTION refuse_bad();
+    """)
+    lines = [{"op": "purchase", "member_id": member_id, "body": {"purchase_id": f"{member_id}-{n}", "store_id": "s",
+                                                                  "amount_cents": 10000}}
+             for n in range(3) for member_id in ("ok1", "bad", "ok2")]
+    response = await api.client.post(
+        "/v1/batch", data="\n".join(json.dumps(line) for line in lines).encode(),
+        headers=api.headers("checkout", **{"Content-Type": "application/x-ndjson"}),
+    )
+    assert response.status == 200
+    results = [json.loads(line) for line in (await response.text()).splitlines()]
+    assert [r["status"] for r in results] == [201, 500, 201] * 3
+    assert results[1]["body"]["code"] == "internal_error"
+    for member_id in ("ok1", "ok2"):
+        assert (await balance(api, member_id))["lifetime_earned"] == 30
+
+
 async def test_forty_parallel_redemptions_of_ten_from_a_hundred(api):
     await funded(api, "m1", 100)
     outcomes = await asyncio.gather(
