@@ -138,7 +138,7 @@ def validation_problem(error: msgspec.ValidationError) -> HttpProblem:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "loyalty_http_requests_total", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
@@ -152,6 +152,12 @@ class Metrics:
         )
         self.appended = Counter("loyalty_events_appended_total", "Events appended", registry=self.registry)
         self.head = Gauge("loyalty_log_head_position", "Highest position appended", registry=self.registry)
+        # Read at scrape time. The cache fills up to its bound, then stays
+        # there: RSS that grows with these is the cache, not a leak.
+        Gauge("loyalty_member_cache_members", "Member states cached in this process",
+              registry=self.registry).set_function(lambda: ledger.cached_members)
+        Gauge("loyalty_member_cache_events", "Events folded into the cached member states (bounded by "
+              "LOYALTY_CACHE_EVENTS)", registry=self.registry).set_function(lambda: ledger.cached_events)
 
 
 # -- auth ------------------------------------------------------------------------
@@ -971,7 +977,7 @@ def create_app(pool, programme: Programme, clock: Clock = system_clock, settings
     app = web.Application(middlewares=[problems_and_metrics], client_max_size=BATCH_MAX_BYTES)
     app[SETTINGS] = settings
     app[LEDGER] = Ledger(EventStore(pool, clock), programme, clock)
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(app[LEDGER])
     app[KEYS] = KeyRing(pool, settings, clock)
     for operation in OPERATIONS:
         app.router.add_route(operation.method, operation.path, command_handler(operation))

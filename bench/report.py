@@ -167,7 +167,7 @@ def figures(out: dict) -> list[dict]:
             "service RSS during the ingest run",
             f"max {_fmt(max(samples), 'MB')}, {growth:+.1f} MB over the second half",
             "—", None, "< 300 MB, flat", max(samples) < 300 and growth < 0.05 * max(samples),
-            f"{len(samples)} samples, 0.5 s apart",
+            f"{len(samples)} samples, 0.5 s apart; {_cache_note(ingest)}",
         ))
     check = out.get("check")
     if check:
@@ -178,6 +178,17 @@ def figures(out: dict) -> list[dict]:
             "fold(events) + views.balance", None, "all equal", check["mismatches"] == 0 and check["chain_ok"],
         ))
     return rows
+
+
+def _cache_note(ingest: dict) -> str:
+    fill, after = ingest.get("cache_fill"), ingest.get("cache_after")
+    if not after:
+        return "member cache not read"
+    state = f"member cache {_fmt(after['events'], 'events')} of {after['members']:,.0f} members at the end"
+    if fill:
+        return (f"{state}; filled to its bound ({_fmt(fill['bound_events'], 'events')}) before the rounds by "
+                f"{_fmt(fill['purchases'], 'purchases')} of other members")
+    return state + " (not filled first: growth is the cache filling)"
 
 
 def _stored_row(stored: dict, note: str) -> dict:
@@ -226,7 +237,8 @@ def update_readme(out: dict, readme: Path) -> None:
         "cache is bounded by events (500,000) as well as members; a batch runs each member's lines as one series "
         "(decided in turn, queued for group commit together); events go in by binary COPY; the garbage collector "
         "is tuned for a long-lived heap; pool connections skip asyncpg's reset query; snapshots come every quarter "
-        "of a member's history; the projectors share one decoded feed per process and write set-based.\n"
+        "of a member's history; the projectors share one decoded feed per process and write set-based; `loyalty "
+        "import` checks the next batch of an export while PostgreSQL writes the one before.\n"
         f"{README_END}"
     )
     if README_START in text and README_END in text:

@@ -118,6 +118,15 @@ class Ledger:
 
     # -- member state ----------------------------------------------------------
 
+    @property
+    def cached_members(self) -> int:
+        return len(self._states)
+
+    @property
+    def cached_events(self) -> int:
+        """The cached states' events: what bounds the cache's memory (``CACHE_EVENTS_MAX``)."""
+        return self._cached_events_total
+
     async def load(self, stream_id: str) -> MemberState:
         """The member's current state, for reading without an await in between."""
         async with self._locks.hold(stream_id):

@@ -227,6 +227,11 @@ async def test_health_readiness_metrics_and_openapi(api):
     assert (await api.client.get("/readyz")).status == 200
     metrics = await (await api.client.get("/metrics")).text()
     assert "loyalty_http_requests_total" in metrics
+    await api.enrol("m-cached")  # the member cache's gauges count what a command just cached
+    metrics = await (await api.client.get("/metrics")).text()
+    cached = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("loyalty_member_cache_")}
+    assert cached["loyalty_member_cache_members"] >= 1 and cached["loyalty_member_cache_events"] >= 1
     document = await (await api.client.get("/openapi.json")).json()
     assert "/v1/members/{member_id}/purchases" in document["paths"]
     schema = document["components"]["schemas"]["RecordPurchase"]
