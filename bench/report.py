@@ -234,7 +234,7 @@ def update_readme(out: dict, readme: Path) -> None:
         "batch's keys and versions with two set-based reads; a command decides on the cached member state without "
         "reading the log first (the append's version check under the head lock validates it; refusals and replays "
         "are answered only from a state just read); `from_data` converts into the event's own struct; the member "
-        "cache is bounded by events (500,000) as well as members; a batch runs each member's lines as one series "
+        "cache is bounded by events (300,000) as well as members; a batch runs each member's lines as one series "
         "(decided in turn, queued for group commit together); events go in by binary COPY; the garbage collector "
         "is tuned for a long-lived heap; pool connections skip asyncpg's reset query; snapshots come every quarter "
         "of a member's history; the projectors share one decoded feed per process and write set-based; `loyalty "

@@ -207,6 +207,7 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
         say(f"ingest: enrolling {plan.members} members through /v1/batch")
         enrol_s = await enrol(base, "m", plan.members)
         cache_fill = await fill_member_cache(base) if plan.fill_cache else None
+        await wait_caught_up(url, 300)  # the projectors' backlog from the fill is not the rounds' work
         purchase_load(noop.port, "m", plan.members, "warm", plan.warmup_s)
         purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
         meter = CpuMeter(service.pid, postmaster_pid(db))
