@@ -267,9 +267,9 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
     # The write path alone: the same service with its projectors off (nothing else projects).
     service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
     try:
-        purchase_load(service.port, "m", plan.members, "warm2", plan.warmup_s)
+        purchase_load(service.port, "m", plan.members, "alone-warm", plan.warmup_s)
         say(f"ingest: the service with LOYALTY_PROJECTORS=off (the write path alone), {plan.duration_s:g} s")
-        out["ingest_no_projectors"] = {"ours": purchase_load(service.port, "m", plan.members, "run2", plan.duration_s).as_dict()}
+        out["ingest_no_projectors"] = {"ours": purchase_load(service.port, "m", plan.members, "alone", plan.duration_s).as_dict()}
     finally:
         service.stop()
 
