@@ -42,7 +42,7 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PYTHON) -m bench.run --quick
 
-# Ingest on 10M stored events vs the empty store (about half an hour, 5 GB):
+# Ingest on 10M stored events vs the empty store (about half an hour, 6 GB):
 # writes bench/results/stored-10m.json, which the next `make bench` shows
 # in its table beside the 1M figure.
 bench-10m: $(BENCH_STAMP)

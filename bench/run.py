@@ -172,7 +172,8 @@ async def fill_member_cache(base: str, prefix: str = "c", members: int = 10_000)
     await enrol(base, prefix, members)
     rng, posted = random.Random(11), 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        while (await member_cache(base))["events"] < CACHE_EVENTS_MAX * 0.99:
+        # Each purchase adds at least one event: the bound caps the posting if the gauge never gets there.
+        while (await member_cache(base))["events"] < CACHE_EVENTS_MAX * 0.99 and posted < CACHE_EVENTS_MAX:
             lines = [{"op": "purchase", "member_id": f"{prefix}{rng.randrange(members)}",
                       "body": {"purchase_id": f"fill-{posted + n}", "store_id": "s1", "amount_cents": rng.randint(100, 200_000)}}
                      for n in range(BATCH_LINES_PER_REQUEST)]
