@@ -2,17 +2,63 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from typing import Awaitable, TypeVar
 
+import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 
 from ledger.clock import ManualClock
+from ledger.database import create_pool, database_url_for, quote_ident
+from ledger.store import EventStore
 from ledger.programme import Programme
 from service import KEYS, LEDGER, Settings, create_app
 
 # A Tuesday, 10:00 in Shanghai.
 TUESDAY = datetime(2025, 1, 7, 2, 0, tzinfo=timezone.utc)
+
+T = TypeVar("T")
+
+
+class OwnDatabase:
+    """A database of its own, made from the template, and an event loop of its own to drive it.
+
+    For hypothesis tests, which cannot be coroutines: they call ``run``.
+    ``close`` stops the group commit of ``store`` (when given one) before the
+    pool closes, then drops the database.
+    """
+
+    def __init__(self, server_url: str, template: str, name: str) -> None:
+        self.server_url, self.name = server_url, name
+        self.loop = asyncio.new_event_loop()
+        self.run(self._create(template))
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(coroutine)
+
+    async def _admin(self, statement: str) -> None:
+        conn = await asyncpg.connect(self.server_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def _create(self, template: str) -> None:
+        await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.name)} WITH (FORCE)")
+        await self._admin(f"CREATE DATABASE {quote_ident(self.name)} TEMPLATE {quote_ident(template)}")
+        self.pool = await create_pool(database_url_for(self.server_url, self.name), min_size=1, max_size=4)
+
+    def close(self, store: EventStore | None = None) -> None:
+        async def shut() -> None:
+            if store is not None:
+                await store.stop_group_commit()
+            await self.pool.close()
+            await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.name)} WITH (FORCE)")
+
+        self.run(shut())
+        self.loop.close()
 
 
 class Api:

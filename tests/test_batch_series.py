@@ -10,12 +10,10 @@ log must hold the same events.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from datetime import datetime, timezone
 
-import asyncpg
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,10 +21,10 @@ from hypothesis import strategies as st
 
 from ledger.application import Ledger
 from ledger.clock import ManualClock
-from ledger.database import create_pool, database_url_for, quote_ident
 from ledger.programme import Programme
 from ledger.store import EventStore
 from service import LEDGER, BatchLine, Principal, Settings, create_app, prepare_batch_line, run_batch_lines
+from tests.support import OwnDatabase
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 ADMIN = Principal("k", "till-042", "admin")
@@ -97,29 +95,15 @@ class Harness:
     """An app with a manual clock on a database of its own, driven from a loop of its own."""
 
     def __init__(self, server_url: str, template: str) -> None:
-        self.server_url = server_url
-        self.database = f"loyalty_series_{os.getpid()}"
-        self.loop = asyncio.new_event_loop()
         self.clock = ManualClock(NOW)
-        self.run(self._open(template))
-
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
-
-    async def _admin(self, statement: str) -> None:
-        conn = await asyncpg.connect(self.server_url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    async def _open(self, template: str) -> None:
-        await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE)")
-        await self._admin(f"CREATE DATABASE {quote_ident(self.database)} TEMPLATE {quote_ident(template)}")
-        self.pool = await create_pool(database_url_for(self.server_url, self.database), min_size=1, max_size=4)
+        self.database = OwnDatabase(server_url, template, f"loyalty_series_{os.getpid()}")
+        self.run, self.pool = self.database.run, self.database.pool
         self.app = create_app(self.pool, Programme(), self.clock, Settings(rate_limit_per_s=None, scheduler=False))
         self.ledger: Ledger = self.app[LEDGER]
-        self.ledger.store.start_group_commit()
+        self.run(self._start())
+
+    async def _start(self) -> None:
+        self.ledger.store.start_group_commit()  # its writer task needs the running loop
 
     async def one_by_one(self, lines: list[BatchLine]) -> list[tuple[int, bytes]]:
         answers = []
@@ -139,13 +123,7 @@ class Harness:
                 for e in envelopes]
 
     def close(self) -> None:
-        async def shut() -> None:
-            await self.ledger.store.stop_group_commit()
-            await self.pool.close()
-            await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE)")
-
-        self.run(shut())
-        self.loop.close()
+        self.database.close(self.ledger.store)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ not move.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from datetime import datetime
 
-import asyncpg
 import msgspec
 import pytest
 from hypothesis import settings
@@ -23,12 +21,12 @@ from hypothesis import settings
 from ledger import commands as cmd
 from ledger.application import Ledger
 from ledger.clock import ManualClock
-from ledger.database import create_pool, database_url_for, quote_ident
 from ledger.jobs import run_job
 from ledger.programme import Programme
 from ledger.store import EventStore
 from ledger.views import balance, tier_view
 from tests.model import Duplicate, Refused
+from tests.support import OwnDatabase
 from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, ShortClocks
 
 SERVER: dict[str, str] = {}
@@ -51,35 +49,17 @@ class AppDriver(Driver):
     def __init__(self, programme: Programme, now: datetime) -> None:
         self.programme = programme
         self.clock = ManualClock(now)
-        self.loop = asyncio.new_event_loop()
         self.keys = itertools.count(1)
-        self.database = f"loyalty_sm_{os.getpid()}_{next(_databases)}"
-        self.run(self._open())
-
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
-
-    async def _admin(self, statement: str) -> None:
-        conn = await asyncpg.connect(SERVER["url"])
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    async def _open(self) -> None:
-        await self._admin(f"CREATE DATABASE {quote_ident(self.database)} TEMPLATE {quote_ident(SERVER['template'])}")
-        self.pool = await create_pool(database_url_for(SERVER["url"], self.database), min_size=1, max_size=4)
+        self.database = OwnDatabase(SERVER["url"], SERVER["template"], f"loyalty_sm_{os.getpid()}_{next(_databases)}")
+        self.run, self.pool = self.database.run, self.database.pool
         self.ledger = Ledger(EventStore(self.pool, self.clock), self.programme, self.clock)
-        self.ledger.store.start_group_commit()
+        self.run(self._start())
+
+    async def _start(self) -> None:
+        self.ledger.store.start_group_commit()  # its writer task needs the running loop
 
     def close(self) -> None:
-        async def shut() -> None:
-            await self.ledger.store.stop_group_commit()
-            await self.pool.close()
-            await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE)")
-
-        self.run(shut())
-        self.loop.close()
+        self.database.close(self.ledger.store)
 
     def set_now(self, now: datetime) -> None:
         self.clock.set(now)
