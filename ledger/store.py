@@ -645,11 +645,17 @@ class GroupCommit:
                 raise
             log.warning("a group commit of %d appends failed (%s); retrying them one by one", len(appends), failure)
         outcomes: list[list[Envelope] | Exception] = []
-        for append in appends:
+        for index, append in enumerate(appends):
             try:
                 outcomes.extend(await self.store.append_many([append]))
-            except asyncpg.PostgresError as failure:
-                outcomes.append(failure)
+            except Exception as failure:
+                if isinstance(failure, asyncpg.PostgresError) and not isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+                    outcomes.append(failure)  # this command's own fault
+                    continue
+                # The connection or the server failed: the appends not yet tried get
+                # its error, and those already committed keep their outcomes.
+                outcomes.extend([failure] * (len(appends) - index))
+                break
         return outcomes
 
     async def close(self) -> None:

@@ -82,6 +82,32 @@ async def test_a_command_the_database_refuses_fails_alone_in_a_group_commit(stor
     assert (await store.verify()).ok
 
 
+async def test_a_connection_failure_while_retrying_alone_keeps_what_committed(store, pool):
+    """Retried one by one after a refused transaction, the appends before a connection-class failure keep
+    their committed outcomes; that one and the ones after it get the failure (not retried one by one)."""
+    await pool.execute("""
+        CREATE FUNCTION refuse_for_test() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.stream_id = 'cut' THEN RAISE EXCEPTION 'as if cut' USING ERRCODE = 'connection_failure'; END IF;
+            RAISE EXCEPTION 'stream poison refused for the test';
+        END $$;
+        CREATE TRIGGER refuse_for_test BEFORE INSERT ON events FOR EACH ROW
+            WHEN (NEW.stream_id IN ('poison', 'cut')) EXECUTE FUNCTION refuse_for_test();
+    """)
+    store.start_group_commit()
+    try:
+        appends = [Append("g0", 0, [purchase(1)]), Append("poison", 0, [purchase(2)]),
+                   Append("cut", 0, [purchase(3)]), Append("g1", 0, [purchase(4)])]
+        results = await asyncio.gather(*(store.append(a) for a in appends), return_exceptions=True)
+    finally:
+        await store.stop_group_commit()
+    assert [e.stream_id for e in results[0]] == ["g0"]
+    assert isinstance(results[1], asyncpg.RaiseError)
+    assert all(isinstance(r, asyncpg.PostgresConnectionError) for r in results[2:])
+    assert [e.stream_id for e in await store.read_all(0, 100)] == ["g0"]
+    assert (await store.verify()).ok
+
+
 async def test_an_identity_belongs_to_one_member(store):
     await store.append(Append("m1", 0, [purchase(1)], identities=[("phone", "1")]))
     with pytest.raises(IdentityTaken):
