@@ -26,8 +26,8 @@ class OwnDatabase:
     """A database of its own, made from the template, and an event loop of its own to drive it.
 
     For hypothesis tests, which cannot be coroutines: they call ``run``.
-    ``close`` stops the group commit of ``store`` (when given one) before the
-    pool closes, then drops the database.
+    ``close`` stops the group commit of ``store`` (when given one, as started
+    by ``start_group_commit``) before the pool closes, then drops the database.
     """
 
     def __init__(self, server_url: str, template: str, name: str) -> None:
@@ -49,6 +49,12 @@ class OwnDatabase:
         await self._admin(f"DROP DATABASE IF EXISTS {quote_ident(self.name)} WITH (FORCE)")
         await self._admin(f"CREATE DATABASE {quote_ident(self.name)} TEMPLATE {quote_ident(template)}")
         self.pool = await create_pool(database_url_for(self.server_url, self.name), min_size=1, max_size=4)
+
+    def start_group_commit(self, store: EventStore) -> None:
+        async def start() -> None:
+            store.start_group_commit()  # its writer task needs the running loop
+
+        self.run(start())
 
     def close(self, store: EventStore | None = None) -> None:
         async def shut() -> None:

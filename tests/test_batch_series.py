@@ -100,10 +100,7 @@ class Harness:
         self.run, self.pool = self.database.run, self.database.pool
         self.app = create_app(self.pool, Programme(), self.clock, Settings(rate_limit_per_s=None, scheduler=False))
         self.ledger: Ledger = self.app[LEDGER]
-        self.run(self._start())
-
-    async def _start(self) -> None:
-        self.ledger.store.start_group_commit()  # its writer task needs the running loop
+        self.database.start_group_commit(self.ledger.store)
 
     async def one_by_one(self, lines: list[BatchLine]) -> list[tuple[int, bytes]]:
         answers = []

@@ -53,10 +53,7 @@ class AppDriver(Driver):
         self.database = OwnDatabase(SERVER["url"], SERVER["template"], f"loyalty_sm_{os.getpid()}_{next(_databases)}")
         self.run, self.pool = self.database.run, self.database.pool
         self.ledger = Ledger(EventStore(self.pool, self.clock), self.programme, self.clock)
-        self.run(self._start())
-
-    async def _start(self) -> None:
-        self.ledger.store.start_group_commit()  # its writer task needs the running loop
+        self.database.start_group_commit(self.ledger.store)
 
     def close(self) -> None:
         self.database.close(self.ledger.store)
