@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import msgspec
 from events.codec import encode_json, from_data
 from events.envelope import Envelope
 from ledger import commands as cmd
+from ledger import settings
 from ledger.answers import answer, with_position
 from ledger.clock import Clock, system_clock
 from ledger.decide import Decided, decide
@@ -52,7 +52,8 @@ CACHE_MEMBERS_MAX = 100_000
 # history, so a member count alone does not bound memory. The service's RSS
 # grows about 0.5 KB per cached event: `make bench` measured 292 MB, flat, with
 # the cache full at 500,000 events, so the default leaves room under 300 MB.
-CACHE_EVENTS_MAX = int(os.environ.get("LOYALTY_CACHE_EVENTS", "300000"))  # the soak sets it low to reach it
+# LOYALTY_CACHE_EVENTS (Settings.cache_events_max) sets it; the soak sets it low to reach it.
+CACHE_EVENTS_MAX = settings.CACHE_EVENTS_MAX
 # A snapshot is written when a member has this many events past the last one,
 # or a quarter of its history if that is more: a cold load folds at most that
 # many events, and since a snapshot's size grows with the history (~175 bytes
@@ -107,8 +108,12 @@ def new_id(prefix: str) -> str:
 
 
 class Ledger:
-    def __init__(self, store: EventStore, programme: Programme, clock: Clock = system_clock) -> None:
+    def __init__(
+        self, store: EventStore, programme: Programme, clock: Clock = system_clock,
+        cache_events_max: int = CACHE_EVENTS_MAX,
+    ) -> None:
         self.store = store
+        self.cache_events_max = cache_events_max
         self.programme = programme
         self.clock = clock
         self._states: OrderedDict[str, MemberState] = OrderedDict()
@@ -125,7 +130,7 @@ class Ledger:
 
     @property
     def cached_events(self) -> int:
-        """The cached states' events: what bounds the cache's memory (``CACHE_EVENTS_MAX``)."""
+        """The cached states' events: what bounds the cache's memory (``cache_events_max``)."""
         return self._cached_events_total
 
     async def load(self, stream_id: str) -> MemberState:
@@ -178,7 +183,7 @@ class Ledger:
         self._cached_events_total += state.version - self._cached_events.get(stream_id, 0)
         self._cached_events[stream_id] = state.version
         while len(self._states) > CACHE_MEMBERS_MAX or (
-            self._cached_events_total > CACHE_EVENTS_MAX and len(self._states) > 1
+            self._cached_events_total > self.cache_events_max and len(self._states) > 1
         ):
             evicted, _state = self._states.popitem(last=False)
             self._cached_events_total -= self._cached_events.pop(evicted, 0)

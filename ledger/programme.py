@@ -114,8 +114,7 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 
 
 def load_programme(path: str | os.PathLike[str] | None = None) -> Programme:
-    """The programme from a TOML file (default: ``LOYALTY_PROGRAMME``), or the defaults."""
-    path = path if path is not None else os.environ.get("LOYALTY_PROGRAMME")
+    """The programme from a TOML file (``Settings.programme_path``), or the defaults without one."""
     if not path:
         return Programme()
     raw = Path(path).read_bytes()

@@ -11,9 +11,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 from events import catalogue as ev
+
+# A coupon's states (CONTRACT §2): issued -> redeemed -> (reversal) -> issued;
+# issued -> voided; "expired" is read from the dates, never stored.
+CouponStatus = Literal["issued", "redeemed", "expired", "voided"]
+COUPON_STATUSES: tuple[str, ...] = get_args(CouponStatus)
 
 
 class Fact(NamedTuple):
@@ -119,12 +124,12 @@ class Coupon:
     source: str
     points_cost: int
     issued_at: datetime
-    status: str = "issued"  # issued | redeemed | voided; "expired" is read by date
+    status: CouponStatus = "issued"  # never "expired": that is read by date (status_at)
     order_ref: str | None = None
     redeemed_at: datetime | None = None
     expiry_recorded: bool = False
 
-    def status_at(self, at: datetime) -> str:
+    def status_at(self, at: datetime) -> CouponStatus:
         if self.status == "issued" and self.expires_at <= at:
             return "expired"
         return self.status

@@ -1,4 +1,4 @@
-"""What a member's state shows at a moment: balance, rolling growth, tier.
+"""What a member's state shows at a moment: balance, rolling growth, tier, lifecycle and RFM.
 
 Pure functions of (state, moment, programme). Balances come from bucket dates,
 so they are right before any job has run.
@@ -6,12 +6,18 @@ so they are right before any job has run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Iterable
 
 import msgspec
 
 from ledger.programme import Programme
-from ledger.state import Bucket, MemberState
+from ledger.state import Bucket, MemberState, Purchase
+
+LIFECYCLES = ("prospect", "active", "loyal", "dormant")
+LOYAL_WINDOW = timedelta(days=30)
+RFM_WINDOW = timedelta(days=365)
 
 
 class Balance(msgspec.Struct, kw_only=True):
@@ -107,3 +113,52 @@ def tier_view(state: MemberState, at: datetime, programme: Programme) -> TierVie
 def status(state: MemberState) -> str:
     """``prospect`` until the first purchase, then ``member``."""
     return "member" if state.purchases else "prospect"
+
+
+@dataclass(frozen=True)
+class Rfm:
+    lifecycle: str
+    recency_days: int | None
+    orders_365d: int
+    spend_365d_cents: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lifecycle": self.lifecycle,
+            "recency_days": self.recency_days,
+            "orders_365d": self.orders_365d,
+            "spend_365d_cents": self.spend_365d_cents,
+        }
+
+
+def rfm(purchases: Iterable[Purchase], now: datetime, programme: Programme) -> Rfm:
+    """Lifecycle and RFM at ``now`` from a member's purchases (pure; the members read model and the replay use it).
+
+    Orders count purchases by ``occurred_at`` in (now - window, now];
+    spend is net of what was returned of them. A member is a ``prospect``
+    until the first purchase, ``dormant`` after ``dormant_after_days``
+    without one, ``loyal`` with at least ``loyal_orders_30d`` purchases in
+    the last 30 days, else ``active``.
+    """
+    purchases = list(purchases)
+    if not purchases:
+        return Rfm("prospect", None, 0, 0)
+    last_purchase_at = max(p.occurred_at for p in purchases)
+    in_year = [p for p in purchases if now - RFM_WINDOW < p.occurred_at <= now]
+    orders_30d = sum(1 for p in purchases if now - LOYAL_WINDOW < p.occurred_at <= now)
+    return Rfm(
+        lifecycle=lifecycle(last_purchase_at, orders_30d, now, programme),
+        recency_days=max((now - last_purchase_at) // timedelta(days=1), 0),
+        orders_365d=len(in_year),
+        spend_365d_cents=sum(p.amount_cents - p.returned_cents for p in in_year),
+    )
+
+
+def lifecycle(last_purchase_at: datetime | None, orders_30d: int, now: datetime, programme: Programme) -> str:
+    if last_purchase_at is None:
+        return "prospect"
+    if last_purchase_at <= now - timedelta(days=programme.dormant_after_days):
+        return "dormant"
+    if orders_30d >= programme.loyal_orders_30d:
+        return "loyal"
+    return "active"

@@ -13,15 +13,15 @@ all keyed by stream_id first so a member's rows sit together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import asyncpg
 
 from events import catalogue as ev
 from ledger.programme import Programme
 from ledger.state import GrowthReturn, MemberState, Purchase
+from ledger.views import LOYAL_WINDOW, rfm
 from projections.feed import Decoded, FeedEnvelope
 from projections.tables import Row, Rows, Target, apply_in_memory, insert_rows
 
@@ -41,9 +41,6 @@ EVENT_TYPES = frozenset(
         "tier_changed",
     }
 )
-LIFECYCLES = ("prospect", "active", "loyal", "dormant")
-LOYAL_WINDOW = timedelta(days=30)
-RFM_WINDOW = timedelta(days=365)
 
 SUMMARY_COLUMNS = (
     "stream_id", "enrolled_at", "birthday", "status", "tier", "hold_until", "debt",
@@ -266,56 +263,7 @@ _APPLIERS: dict[type, Callable[[_Batch, FeedEnvelope, Any], None]] = {
 assert set(_APPLIERS) == {ev.EVENT_TYPES[name] for name in EVENT_TYPES}
 
 
-# -- reads: lifecycle and RFM ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rfm:
-    lifecycle: str
-    recency_days: int | None
-    orders_365d: int
-    spend_365d_cents: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "lifecycle": self.lifecycle,
-            "recency_days": self.recency_days,
-            "orders_365d": self.orders_365d,
-            "spend_365d_cents": self.spend_365d_cents,
-        }
-
-
-def rfm(purchases: Iterable[Purchase], now: datetime, programme: Programme) -> Rfm:
-    """Lifecycle and RFM at ``now`` from a member's purchases (pure; the replay uses it too).
-
-    Orders count purchases by ``occurred_at`` in (now - window, now];
-    spend is net of what was returned of them. A member is a ``prospect``
-    until the first purchase, ``dormant`` after ``dormant_after_days``
-    without one, ``loyal`` with at least ``loyal_orders_30d`` purchases in
-    the last 30 days, else ``active``.
-    """
-    purchases = list(purchases)
-    if not purchases:
-        return Rfm("prospect", None, 0, 0)
-    last_purchase_at = max(p.occurred_at for p in purchases)
-    in_year = [p for p in purchases if now - RFM_WINDOW < p.occurred_at <= now]
-    orders_30d = sum(1 for p in purchases if now - LOYAL_WINDOW < p.occurred_at <= now)
-    return Rfm(
-        lifecycle=lifecycle(last_purchase_at, orders_30d, now, programme),
-        recency_days=max((now - last_purchase_at) // timedelta(days=1), 0),
-        orders_365d=len(in_year),
-        spend_365d_cents=sum(p.amount_cents - p.returned_cents for p in in_year),
-    )
-
-
-def lifecycle(last_purchase_at: datetime | None, orders_30d: int, now: datetime, programme: Programme) -> str:
-    if last_purchase_at is None:
-        return "prospect"
-    if last_purchase_at <= now - timedelta(days=programme.dormant_after_days):
-        return "dormant"
-    if orders_30d >= programme.loyal_orders_30d:
-        return "loyal"
-    return "active"
+# -- reads: segments (lifecycle and RFM are ledger.views' rules) --------------------------------
 
 
 def _purchase_of(row: asyncpg.Record) -> Purchase:
@@ -331,7 +279,7 @@ async def segment_page(
 ) -> list[dict[str, Any]]:
     """Members in one lifecycle at ``now``, by member id after ``after``; at most ``limit``.
 
-    The SQL CASE is ``lifecycle`` above, written over the stored dates;
+    The SQL CASE is ``ledger.views.lifecycle``, written over the stored dates;
     each listed member's RFM is then computed by ``rfm`` itself, which
     asserts the two agree.
     """

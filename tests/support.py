@@ -14,7 +14,10 @@ from ledger.clock import ManualClock
 from ledger.database import create_pool, database_url_for, quote_ident
 from ledger.store import EventStore
 from ledger.programme import Programme
-from service import KEYS, LEDGER, Settings, create_app
+from api.app import create_app
+from api.auth import KEYS
+from api.context import LEDGER
+from ledger.settings import Settings
 
 # A Tuesday, 10:00 in Shanghai.
 TUESDAY = datetime(2025, 1, 7, 2, 0, tzinfo=timezone.utc)

@@ -23,7 +23,11 @@ from ledger.application import Ledger
 from ledger.clock import ManualClock
 from ledger.programme import Programme
 from ledger.store import EventStore
-from service import LEDGER, BatchLine, Principal, Settings, create_app, prepare_batch_line, run_batch_lines
+from api.app import create_app
+from api.auth import Principal
+from api.batch import BatchLine, prepare_batch_line, run_batch_lines
+from api.context import LEDGER
+from ledger.settings import Settings
 from tests.support import OwnDatabase
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)

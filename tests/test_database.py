@@ -126,9 +126,10 @@ RESOLVE_AND_COUNT = textwrap.dedent(
 
 def test_resolve_database_url_prefers_database_url(monkeypatch):
     from ledger.database import resolve_database_url
+    from ledger.settings import Settings
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://someone@db.example:5432/loyalty")
-    assert resolve_database_url() == "postgresql://someone@db.example:5432/loyalty"
+    assert resolve_database_url(Settings.from_env().database_url) == "postgresql://someone@db.example:5432/loyalty"
 
 
 def test_embedded_server_keeps_its_data_across_restarts(tmp_path):

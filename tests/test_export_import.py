@@ -11,8 +11,8 @@ import pytest
 from ledger.commands import IdentityIn
 from ledger.database import apply_schema, create_pool
 from ledger.store import EventStore
+from cli.replay import replay
 from projections import transfer
-from projections.replay import replay
 from tests.test_projections_support import PROGRAMME, Shop, a_little_history, project_all
 from tests.test_replay import loyalty
 

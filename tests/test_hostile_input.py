@@ -21,20 +21,20 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import (
+from api.admin import NewKey
+from api.batch import parse_batch_line
+from api.commands import OPERATIONS
+from api.decoding import (
     BATCH_MAX_BYTES,
     BATCH_MAX_LINES,
     BODY_MAX_BYTES,
     BODY_READ_S,
-    OPERATIONS,
     PAGE_LIMIT_MAX,
-    HttpProblem,
-    NewKey,
     decode,
-    parse_batch_line,
     query_int,
     query_time,
 )
+from api.problems import HttpProblem
 from ledger.store import MAX_WAIT_MS
 from tests.service_process import ServiceProcess
 from tests.support import running_api

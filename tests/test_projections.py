@@ -21,9 +21,10 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from cli.replay import replay
+from ledger import views
 from ledger.views import balance
 from projections import coupons, liability, members, points, runtime
-from projections.replay import replay
 from projections.runtime import (
     ProjectionMetrics,
     ProjectionRuntime,
@@ -336,7 +337,7 @@ async def test_segments_follow_lifecycle_and_rfm_from_stored_dates_at_read_time(
 
     async def segments(at):
         found = {}
-        for lifecycle in members.LIFECYCLES:
+        for lifecycle in views.LIFECYCLES:
             for row in await members.segment_page(pool, lifecycle, "", 10, at, PROGRAMME):
                 found[row["member_id"]] = (lifecycle, row["recency_days"], row["orders_365d"], row["spend_365d_cents"])
         return found

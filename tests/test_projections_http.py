@@ -12,8 +12,8 @@ import time
 import asyncpg
 import pytest
 
-import projections.http
-from projections.http import start_projectors
+from api import projected
+from service import start_projectors
 from tests.support import running_api
 
 pytestmark = pytest.mark.asyncio
@@ -57,7 +57,7 @@ async def test_a_write_is_in_the_ledger_read_with_its_min_position(api, projecto
 
 
 async def test_a_lagging_projection_answers_503_projection_lagging_with_retry_after(api, monkeypatch):
-    monkeypatch.setattr(projections.http, "MIN_POSITION_WAIT_MS", 200)  # no projector runs here
+    monkeypatch.setattr(projected, "MIN_POSITION_WAIT_MS", 200)  # no projector runs here
     await api.enrol("m1")
     position = await bought(api, "m1", "p1", 258_00)
     for path in ("/v1/members/m1/ledger", "/v1/programme/liability", "/v1/segments/active"):

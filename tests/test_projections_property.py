@@ -6,7 +6,7 @@ the end every projection is rebuilt from position 0 into shadow tables and
 swapped in: every table must hold the same rows as before, row for row.
 Then the replay (the pure domain's fold over the log) must agree with the
 projections now and as of earlier times, and every member must be listed in
-exactly the segment ``members.rfm`` gives.
+exactly the segment ``ledger.views.rfm`` gives.
 
 Each example gets a fresh database cloned from the schema template.
 """
@@ -18,9 +18,10 @@ from datetime import timedelta
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cli.replay import replay
+from ledger import views
 from ledger.database import run_blocking
 from projections import members
-from projections.replay import replay
 from tests.test_projections_support import PROGRAMME, START, Shop, all_rows, fresh_database, project_all, rebuild_all
 
 # Few members and ids, small burns and much time passing: most random commands are then accepted.
@@ -94,13 +95,13 @@ async def _check(server_url: str, template: str, history: list[tuple]) -> None:
             assert report.positions == dict.fromkeys(report.positions, await shop.head())
 
         listed = {}
-        for lifecycle in members.LIFECYCLES:
+        for lifecycle in views.LIFECYCLES:
             for row in await members.segment_page(pool, lifecycle, "", 1000, now, PROGRAMME):
                 listed[row["member_id"]] = lifecycle
         for member_id in ("m1", "m2", "m3"):
             state = await shop.ledger.load(member_id)
             if state.enrolled:
-                assert listed.pop(member_id) == members.rfm(state.purchases.values(), now, PROGRAMME).lifecycle
+                assert listed.pop(member_id) == views.rfm(state.purchases.values(), now, PROGRAMME).lifecycle
         assert listed == {}
 
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from projections.replay import replay
+from cli.replay import replay
 from tests.test_projections_support import PROGRAMME, START, Shop, a_little_history, project_all
 
 pytestmark = pytest.mark.asyncio

@@ -23,9 +23,12 @@ from datetime import timedelta
 import aiohttp
 import pytest
 
-import service
+from api import auth
+from api.app import create_app
+from api.auth import KEYS
 from events.codec import rfc3339
-from service import KEYS, Settings, create_app
+from ledger.programme import Programme
+from ledger.settings import Settings
 from tests.service_process import Client, ServiceProcess, create_key
 from tests.support import TUESDAY, running_api
 
@@ -77,7 +80,7 @@ PATH_VALUES = {"member_id": "m1", "redemption_id": "r1", "coupon_id": "c1", "typ
 
 
 def application_routes() -> set[tuple[str, str]]:
-    app = create_app(None, service.Programme(), settings=Settings(rate_limit_per_s=None))
+    app = create_app(None, Programme(), settings=Settings(rate_limit_per_s=None))
     return {(route.method, route.resource.canonical) for route in app.router.routes() if route.method != "HEAD"}
 
 
@@ -156,9 +159,9 @@ async def test_keys_are_high_entropy_stored_as_sha256_only_and_compared_in_const
             assert all(key not in str(value) for value in row.values()), "a key secret is stored in clear"
 
     compared = []
-    real = service.hmac.compare_digest
-    monkeypatch.setattr(service.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
-    fresh = service.KeyRing(pool, Settings(), api.clock)  # no cache: the lookup runs
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    fresh = auth.KeyRing(pool, Settings(), api.clock)  # no cache: the lookup runs
     principal = await fresh.authenticate(created[0])
     assert principal is not None and principal.role == "checkout"
     assert compared, "the key hash was not compared with hmac.compare_digest"

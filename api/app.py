@@ -1,0 +1,60 @@
+"""The aiohttp application: the ledger, keys, metrics and projections wired to the route table."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.auth import KEYS, KeyRing, allow
+from api.context import LEDGER, PROJECTION_SERVICE, ROUTE_TABLE, SETTINGS
+from api.decoding import BATCH_MAX_BYTES
+from api.middleware import METRICS, Metrics, problems_and_metrics
+from api.route import Route
+from api.routes import ROUTES
+from ledger.application import Ledger
+from ledger.clock import Clock, system_clock
+from ledger.programme import Programme
+from ledger.settings import Settings
+from ledger.store import EventStore
+from projections.runtime import ProjectionMetrics, ProjectionService, ensure_tables
+
+
+def create_app(
+    pool, programme: Programme, clock: Clock = system_clock, settings: Settings | None = None,
+    routes: list[Route] = ROUTES,
+) -> web.Application:
+    settings = settings or Settings()
+    app = web.Application(middlewares=[problems_and_metrics], client_max_size=BATCH_MAX_BYTES)
+    app[SETTINGS] = settings
+    app[LEDGER] = Ledger(EventStore(pool, clock), programme, clock, cache_events_max=settings.cache_events_max)
+    app[METRICS] = Metrics(app[LEDGER])
+    app[KEYS] = KeyRing(pool, settings, clock)
+    app[PROJECTION_SERVICE] = ProjectionService(pool, programme, clock, metrics=ProjectionMetrics(app[METRICS].registry))
+    app[ROUTE_TABLE] = routes
+    for route in routes:
+        handler = route.handler if route.roles is None else allow(route.roles)(route.handler)
+        app.router.add_route(route.method, route.path, handler)
+    app.on_startup.append(_ensure_projection_tables)
+    app.on_startup.append(_seed_admin_key)
+    app.on_startup.append(_start_group_commit)
+    app.on_cleanup.append(_stop_group_commit)
+    return app
+
+
+async def _start_group_commit(app: web.Application) -> None:
+    app[LEDGER].store.start_group_commit()
+
+
+async def _stop_group_commit(app: web.Application) -> None:
+    await app[LEDGER].store.stop_group_commit()
+
+
+async def _seed_admin_key(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    if settings.admin_key:
+        await app[KEYS].create("admin (LOYALTY_ADMIN_KEY)", "admin", "environment", secret=settings.admin_key)
+
+
+async def _ensure_projection_tables(app: web.Application) -> None:
+    service = app[PROJECTION_SERVICE]
+    await ensure_tables(service.pool, service.programme)
+

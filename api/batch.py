@@ -1,0 +1,121 @@
+"""``POST /v1/batch``: NDJSON lines, each its own command; a member's lines run as one series."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from api.auth import CHECKOUT, PRINCIPAL, Principal
+from api.commands import OPERATIONS_BY_NAME, prepare_command, record_head
+from api.context import LEDGER
+from api.decoding import BATCH_MAX_BYTES, BATCH_MAX_LINES, check_id, decode, read_body
+from api.problems import NDJSON, HttpProblem, unexpected_failure, validation_problem
+from api.route import Route
+from events.codec import encode_json
+from ledger.application import Request
+from ledger.errors import problem
+
+
+class BatchLine(msgspec.Struct, forbid_unknown_fields=True):
+    op: str
+    member_id: str | None = None
+    body: msgspec.Raw = msgspec.Raw(b"{}")
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern="^[^\x00]*$")] | None = None
+
+
+async def batch(request: web.Request) -> web.StreamResponse:
+    """NDJSON in, one result line per input line, in order; each line its own command."""
+    body = await read_body(request, BATCH_MAX_BYTES, NDJSON)
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if len(lines) > BATCH_MAX_LINES:
+        raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
+    parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
+    results = await run_batch_lines(request.app, request[PRINCIPAL], parsed)
+    payload = b"".join(encode_json({"line": n, "status": status, "body": msgspec.Raw(out)}) + b"\n"
+                       for n, (status, out) in enumerate(results, start=1))
+    return web.Response(status=200, body=payload, content_type=NDJSON)
+
+
+async def run_batch_lines(
+    app: web.Application, principal: Principal, parsed: list[BatchLine | HttpProblem]
+) -> list[tuple[int, bytes]]:
+    """Each line's (status, body), in order.
+
+    A member's lines run in order, as one series (``Ledger.execute_series``:
+    appended together, each answered as on its own); members run
+    concurrently, and group commit puts their appends into few transactions.
+    """
+    results: list[tuple[int, bytes]] = [(0, b"")] * len(parsed)
+    series: dict[str, list[tuple[int, Request]]] = {}
+    for index, line in enumerate(parsed):
+        try:
+            member_id, request = prepare_batch_line(principal, line)
+        except HttpProblem as failure:
+            results[index] = failure.status, encode_json(problem(failure.status, failure.code, failure.detail, **failure.extra))
+            continue
+        series.setdefault(member_id, []).append((index, request))
+    ledger = app[LEDGER]
+
+    async def run_series(member_id: str, lines: list[tuple[int, Request]]) -> None:
+        try:
+            outcomes = await ledger.execute_series(member_id, [request for _, request in lines])
+        except Exception as failure:
+            # This member's lines only: the other members' lines have their
+            # answers. Some of these may have committed; each line's retry
+            # (same ids, same key) answers it exactly once either way.
+            answer = unexpected_failure(failure, f"the batch lines of {member_id}")
+            body = encode_json(problem(answer.status, answer.code, answer.detail + f"; retry {member_id}'s lines"))
+            for index, _ in lines:
+                results[index] = answer.status, body
+            return
+        for (index, _), outcome in zip(lines, outcomes, strict=True):
+            results[index] = outcome.status, outcome.body
+        record_head(app, outcomes)
+
+    await asyncio.gather(*(run_series(member_id, lines) for member_id, lines in series.items()))
+    return results
+
+
+def parse_batch_line(number: int, line: bytes) -> BatchLine | HttpProblem:
+    try:
+        return msgspec.json.decode(line, type=BatchLine)
+    except msgspec.ValidationError as error:
+        return validation_problem(error)
+    except msgspec.DecodeError as error:
+        return HttpProblem(400, "malformed_json", f"line {number} is not valid JSON: {error}")
+    except RecursionError:  # msgspec's depth limit (~1000); a 500 for the whole batch before (test_hostile_input.py)
+        return HttpProblem(400, "json_too_deep", f"line {number} nests deeper than the decoder allows")
+
+
+def prepare_batch_line(principal: Principal, parsed: BatchLine | HttpProblem) -> tuple[str, Request]:
+    """The member and the command a line runs, or the HttpProblem that answers it."""
+    if isinstance(parsed, HttpProblem):
+        raise parsed
+    operation = OPERATIONS_BY_NAME.get(parsed.op)
+    if operation is None or operation.name == "coupon_void":
+        raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
+    if principal.role not in operation.roles:
+        raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
+    member_id = parsed.member_id
+    if member_id is not None:
+        check_id("member_id", member_id)
+    if member_id is None and operation.name != "enrol":
+        raise HttpProblem(422, "validation_failed", "member_id is required", field="member_id")
+    command = decode(bytes(parsed.body), operation.body)
+    for name in operation.path_fields:  # in a batch the path's ids travel in the body
+        if not getattr(command, name):
+            raise HttpProblem(422, "validation_failed", f"{name} is required in the body of a {parsed.op} line", field=name)
+    if operation.name == "enrol" and member_id is not None:
+        command = msgspec.structs.replace(command, member_id=member_id)
+        member_id = None
+    member_id, command, fingerprint = prepare_command(operation, member_id, command, principal)
+    return member_id, Request(operation.name, command, fingerprint, principal.name, parsed.idempotency_key)
+
+
+ROUTES = [
+    Route("POST", "/v1/batch", batch, CHECKOUT, "NDJSON batch of commands; one result line per input line, in order",
+          body_media=NDJSON, answer_media=NDJSON, errors=(401, 403, 408, 413, 415, 429, 503)),
+]

@@ -1,0 +1,127 @@
+"""Around every request: problems for every exception, a deadline, and the HTTP metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from api.context import SETTINGS
+from api.problems import HttpProblem, problem_response, unexpected_failure
+from ledger.application import Ledger
+from ledger.store import MAX_WAIT_MS
+
+log = logging.getLogger("loyalty.service")
+
+METRICS = web.AppKey("metrics", "Metrics")
+
+# Every request answers within Settings.request_deadline_s (LOYALTY_REQUEST_DEADLINE_S,
+# default 10), whatever the database does; a long poll gets its wait on top.
+# Long jobs (batch, verify, time jobs, rebuilds) are not bounded.
+_UNBOUNDED_PATHS = ("/v1/batch", "/v1/audit/verify", "/v1/jobs/", "/v1/projections/")
+
+T = TypeVar("T")
+
+
+class Metrics:
+    def __init__(self, ledger: Ledger) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "loyalty_http_requests_total", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "loyalty_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.appended = Counter("loyalty_events_appended_total", "Events appended", registry=self.registry)
+        self.head = Gauge("loyalty_log_head_position", "Highest position appended", registry=self.registry)
+        # Read at scrape time. The cache fills up to its bound, then stays
+        # there: RSS that grows with these is the cache, not a leak.
+        Gauge("loyalty_member_cache_members", "Member states cached in this process",
+              registry=self.registry).set_function(lambda: ledger.cached_members)
+        Gauge("loyalty_member_cache_events", "Events folded into the cached member states (bounded by "
+              "LOYALTY_CACHE_EVENTS)", registry=self.registry).set_function(lambda: ledger.cached_events)
+
+
+def route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def problems_and_metrics(request: web.Request, handler):
+    metrics: Metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        response = await bounded(handler(request), request_deadline_s(request))
+    except HttpProblem as failure:
+        response = problem_response(failure.status, failure.code, failure.detail, failure.headers, **failure.extra)
+    except web.HTTPException as http:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(http.status, "http_error")
+        detail = {
+            404: f"no route {request.path}; see /openapi.json",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: "the body is larger than allowed (64 KiB; batch 8 MiB)",
+        }.get(http.status, http.reason or "error")
+        allow_header = {"Allow": http.headers["Allow"]} if "Allow" in http.headers else None  # RFC 9110 on 405
+        response = problem_response(http.status, code, detail, allow_header)
+    except RequestTimeout:
+        log.warning("%s %s did not finish within its deadline: answered 503", request.method, request.path)
+        response = problem_response(503, "request_timeout", "the request did not finish in time (the database is slow "
+                                    "or unreachable); retry with the same Idempotency-Key", {"Retry-After": "1"})
+    except Exception as failure:  # the last line of defence: a 5xx is never stored as an answer
+        answer = unexpected_failure(failure, f"{request.method} {request.path}", reading=request.method == "GET")
+        response = problem_response(answer.status, answer.code, answer.detail, answer.headers)
+    route = route_name(request)
+    metrics.requests.labels(request.method, route, str(response.status)).inc()
+    metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    return response
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+def request_deadline_s(request: web.Request) -> float | None:
+    if request.path.startswith(_UNBOUNDED_PATHS):
+        return None
+    deadline_s = request.app[SETTINGS].request_deadline_s
+    if request.path == "/v1/events":
+        return deadline_s + MAX_WAIT_MS / 1000
+    return deadline_s
+
+
+async def bounded(work: Awaitable[T], deadline_s: float | None) -> T:
+    """``work``'s result, or RequestTimeout after ``deadline_s``.
+
+    On time-out the work is cancelled but not waited for: asyncpg returns a
+    connection cut off mid-query to its pool only after a cancel request that
+    can itself hang on a silent database (tests/test_database_faults.py), so
+    waiting for the cancellation would hold the answer just as long. A command
+    that still commits after its 503 is found by the retry's Idempotency-Key.
+    """
+    if deadline_s is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_forget_result)
+        raise RequestTimeout()
+    return task.result()
+
+
+def _forget_result(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved

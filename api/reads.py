@@ -1,0 +1,121 @@
+"""Reads computed from a member's own events (always read-your-writes), and the auditors' log reads."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from aiohttp import web
+
+from api.auth import AUDITOR, CHECKOUT, MEMBER_READER, READER
+from api.context import LEDGER
+from api.decoding import page, path_id, query_int, query_time
+from api.problems import HttpProblem, json_response
+from api.route import Route
+from ledger.answers import coupon_view, member_view
+from ledger.commands import IDENTITY_TYPES
+from ledger.state import COUPON_STATUSES
+from ledger.store import MAX_WAIT_MS
+from ledger.views import balance, rfm, tier_view
+
+
+async def member_state(request: web.Request, at: datetime | None = None):
+    ledger = request.app[LEDGER]
+    member_id = path_id(request, "member_id")
+    state = await (ledger.state_as_of(member_id, at) if at is not None else ledger.load(member_id))
+    if not state.enrolled:
+        raise HttpProblem(404, "member_not_found", f"member {member_id} does not exist; check the id")
+    return state
+
+
+async def get_member(request: web.Request) -> web.StreamResponse:
+    ledger = request.app[LEDGER]
+    state = await member_state(request)
+    now = ledger.clock()
+    view = member_view(state, now, ledger.programme)
+    view.update(rfm(state.purchases.values(), now, ledger.programme).as_dict())
+    return json_response(view)
+
+
+async def get_balance(request: web.Request) -> web.StreamResponse:
+    at = query_time(request, "as_of", request.app[LEDGER].clock())
+    state = await member_state(request, at)
+    return json_response(balance(state, at))
+
+
+async def get_tier(request: web.Request) -> web.StreamResponse:
+    ledger = request.app[LEDGER]
+    at = query_time(request, "as_of", ledger.clock())
+    state = await member_state(request, at)
+    return json_response(tier_view(state, at, ledger.programme))
+
+
+async def get_coupons(request: web.Request) -> web.StreamResponse:
+    ledger = request.app[LEDGER]
+    at = ledger.clock()
+    wanted = request.query.get("status")
+    if wanted is not None and wanted not in COUPON_STATUSES:
+        raise HttpProblem(422, "validation_failed", f"status is one of {', '.join(COUPON_STATUSES)}", field="status")
+    state = await member_state(request)
+    coupons = [coupon_view(c, at) for c in state.coupons.values()]
+    return json_response({"coupons": [c for c in coupons if wanted is None or c["status"] == wanted]})
+
+
+async def get_identity(request: web.Request) -> web.StreamResponse:
+    identity_type, value = request.match_info["type"], request.match_info["value"]
+    if identity_type not in IDENTITY_TYPES or len(value) > 256:
+        raise HttpProblem(422, "validation_failed", f"identity type is one of {', '.join(IDENTITY_TYPES)}")
+    member_id = await request.app[LEDGER].store.identity_owner(identity_type, value)
+    if member_id is None:
+        raise HttpProblem(404, "member_not_found", f"no member has {identity_type} {value}")
+    return json_response({"member_id": member_id})
+
+
+async def get_member_events(request: web.Request) -> web.StreamResponse:
+    after, limit = page(request)
+    await member_state(request)
+    envelopes = await request.app[LEDGER].store.read_stream(path_id(request, "member_id"), after, limit + 1)
+    more = len(envelopes) > limit
+    envelopes = envelopes[:limit]
+    return json_response({"events": envelopes, "next_after": envelopes[-1].stream_version if more else None})
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    after, limit = page(request)
+    wait_ms = query_int(request, "wait_ms", 0, 0, MAX_WAIT_MS)
+    types = [t for t in request.query.getall("type", []) for t in t.split(",") if t] or None
+    store = request.app[LEDGER].store
+    envelopes = await store.read_all(after, limit + 1, types)
+    if not envelopes and wait_ms:
+        deadline = time.monotonic() + wait_ms / 1000
+        while not envelopes and time.monotonic() < deadline:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if await store.wait_for_position(after, remaining_ms):
+                envelopes = await store.read_all(after, limit + 1, types)
+                after = max(after, envelopes[-1].position if envelopes else (await store.head())[0])
+    more = len(envelopes) > limit
+    envelopes = envelopes[:limit]
+    return json_response({"events": envelopes, "next_after": envelopes[-1].position if more else None})
+
+
+async def audit_verify(request: web.Request) -> web.StreamResponse:
+    return json_response(await request.app[LEDGER].store.verify())
+
+
+_IDENTITY_PATH = {
+    "type": {"type": "string", "enum": list(IDENTITY_TYPES)},
+    "value": {"type": "string", "minLength": 1, "maxLength": 256},
+}
+
+ROUTES = [
+    Route("GET", "/v1/members/{member_id}", get_member, MEMBER_READER, "Member profile, status, tier, balance"),
+    Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time", query=("as_of",)),
+    Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of",)),
+    Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status",)),
+    Route("GET", "/v1/members/{member_id}/events", get_member_events, AUDITOR, "The member's stream",
+          query=("after", "limit")),
+    Route("GET", "/v1/identities/{type}/{value}", get_identity, CHECKOUT | READER, "Find a member by identity",
+          parameter_schemas=_IDENTITY_PATH),
+    Route("GET", "/v1/events", get_events, AUDITOR, "The global feed", query=("after", "limit", "type", "wait_ms")),
+    Route("GET", "/v1/audit/verify", audit_verify, AUDITOR, "Verify the hash chain"),
+]

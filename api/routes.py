@@ -1,0 +1,20 @@
+"""The route table: every route the service serves, one feature module at a time.
+
+A feature adds a module under ``api/`` with a ``ROUTES`` list of ``Route``
+and adds it here; ``create_app`` registers these and /openapi.json describes
+these, so nothing else needs to know about it.
+"""
+
+from __future__ import annotations
+
+from api import admin, batch, commands, health, projected, reads
+from api.route import Route
+
+ROUTES: list[Route] = [
+    *commands.ROUTES,
+    *batch.ROUTES,
+    *reads.ROUTES,
+    *projected.ROUTES,
+    *admin.ROUTES,
+    *health.ROUTES,
+]

@@ -1,0 +1,1 @@
+"""The ``loyalty`` command line: one module per group of commands (see README, Layout)."""
