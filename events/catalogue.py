@@ -8,7 +8,7 @@ points movement lists the buckets it touched (``BucketPoints``).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Union
+from typing import ClassVar, Union
 
 import msgspec
 
@@ -56,7 +56,10 @@ class PurchaseRecorded(Event, tag="purchase_recorded", kw_only=True):
 
 
 class PointsEarned(Event, tag="points_earned", kw_only=True):
-    purchase_id: str
+    # What earned the points: a purchase, or an activity (§6.3; then
+    # purchase_id is null, growth is on activity_recorded, tier_pct and
+    # day_pct are 100: no multiplier applies).
+    purchase_id: str | None
     points: int
     growth: int
     tier: str
@@ -65,6 +68,7 @@ class PointsEarned(Event, tag="points_earned", kw_only=True):
     # The bucket gets ``points - debt_paid``: credits pay debt first.
     debt_paid: int
     bucket: NewBucket | None
+    activity_id: str | None = None
 
 
 class PurchaseReturned(Event, tag="purchase_returned", kw_only=True):
@@ -172,6 +176,23 @@ class CouponExpired(Event, tag="coupon_expired", kw_only=True):
     expires_at: datetime
 
 
+class ActivityRecorded(Event, tag=False, tag_field=None, kw_only=True):
+    """A growth task done (§6.3); its points, when any, follow as points_earned.
+
+    Its data has a field ``type`` (the contract's name for the activity's
+    type), which the tag field cannot share: this struct is untagged and
+    named by ``EVENT_NAME`` instead.
+    """
+
+    EVENT_NAME: ClassVar[str] = "activity_recorded"
+
+    activity_id: str
+    type: str
+    points: int
+    growth: int
+    ref: str | None
+
+
 AnyEvent = Union[
     MemberEnrolled,
     IdentityLinked,
@@ -189,12 +210,15 @@ AnyEvent = Union[
     CouponRedemptionReversed,
     CouponVoided,
     CouponExpired,
+    ActivityRecorded,
 ]
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__struct_config__.tag: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
-}
+def _name(cls: type[Event]) -> str:
+    return cls.__struct_config__.tag or cls.EVENT_NAME  # type: ignore[attr-defined,return-value]
+
+
+EVENT_TYPES: dict[str, type[Event]] = {_name(cls): cls for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
 
 
 def event_type(event: Event) -> str:
-    return type(event).__struct_config__.tag  # type: ignore[return-value]
+    return _name(type(event))

@@ -25,7 +25,8 @@ _encoder = msgspec.json.Encoder()
 def to_data(event: Event) -> dict[str, Any]:
     """The envelope's ``data`` of an event: its fields, without the tag."""
     data = msgspec.to_builtins(event)
-    del data["type"]
+    if type(event).__struct_config__.tag is not None:  # an untagged event's "type" is its own field
+        del data["type"]
     return data
 
 

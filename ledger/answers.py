@@ -133,6 +133,17 @@ def _adjust(command: cmd.Adjust, state, decided, programme, at):
     }
 
 
+def _activity(command: cmd.RecordActivity, state, decided, programme, at):
+    recorded = _event(decided, ev.ActivityRecorded)
+    return {
+        "activity_id": command.activity_id,
+        "type": recorded.type,
+        "points": recorded.points,
+        "growth": recorded.growth,
+        "tier": current_tier(state, programme),
+    }
+
+
 def _job(command, state, decided, programme, at):
     return {"appended": len(decided)}
 
@@ -148,6 +159,7 @@ _ANSWERS = {
     cmd.ReverseCouponRedemption: _coupon,
     cmd.VoidCoupon: _coupon,
     cmd.Adjust: _adjust,
+    cmd.RecordActivity: _activity,
     cmd.ExpireDue: _job,
     cmd.ReviewTier: _job,
     cmd.IssueBirthdayCoupon: _job,

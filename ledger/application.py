@@ -445,4 +445,6 @@ def _natural_keys(command: cmd.Command) -> list[str]:
             return [f"coupon:{command.coupon_id}"]
         case cmd.Adjust():
             return [f"adjustment:{command.adjustment_id}"]
+        case cmd.RecordActivity():
+            return [f"activity:{command.activity_id}"]
     return []

@@ -106,6 +106,14 @@ class Adjust(Command, kw_only=True):
     occurred_at: Timestamp | None = None
 
 
+class RecordActivity(Command, kw_only=True):
+    activity_id: Id
+    # Any text: a type the programme does not list is 422 unknown_activity, malformed or not.
+    type: Text
+    ref: Id | None = None
+    occurred_at: Timestamp | None = None
+
+
 # Time jobs, run per member by the job runner.
 class ExpireDue(Command, kw_only=True):
     as_of: datetime
@@ -130,6 +138,7 @@ AnyCommand = (
     | ReverseCouponRedemption
     | VoidCoupon
     | Adjust
+    | RecordActivity
     | ExpireDue
     | ReviewTier
     | IssueBirthdayCoupon

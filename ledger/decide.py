@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Callable, NamedTuple
 
 from events import catalogue as ev
+from ledger import activities
 from ledger import commands as cmd
 from ledger.errors import DuplicateCommand, Refusal, not_found
 from ledger.programme import WEEKDAYS, Programme
@@ -178,23 +179,37 @@ def _purchase(state: MemberState, command: cmd.RecordPurchase, programme: Progra
             ),
         ),
     ]
-    growth_after = rolling_growth(state, at, programme) + growth
-    reached = programme.qualified_tier(growth_after)
-    if programme.tier_index(reached.name) > programme.tier_index(tier.name):
-        decided.append(
-            Decided(
-                at,
-                ev.TierChanged(
-                    from_tier=tier.name,
-                    to_tier=reached.name,
-                    reason="upgrade",
-                    cause_id=command.purchase_id,
-                    hold_until=at + timedelta(days=programme.tier_hold_days),
-                    previous_hold_until=state.hold_until,
-                ),
-            )
-        )
-    return decided
+    return decided + _upgrade(state, tier, growth, command.purchase_id, at, programme)
+
+
+def _upgrade(state: MemberState, tier, growth: int, cause_id: str, at: datetime, programme: Programme) -> list[Decided]:
+    """The upgrade, if any, when ``growth`` more at ``at`` lifts rolling growth past a higher threshold."""
+    reached = programme.qualified_tier(rolling_growth(state, at, programme) + growth)
+    if programme.tier_index(reached.name) <= programme.tier_index(tier.name):
+        return []
+    event = ev.TierChanged(
+        from_tier=tier.name,
+        to_tier=reached.name,
+        reason="upgrade",
+        cause_id=cause_id,
+        hold_until=at + timedelta(days=programme.tier_hold_days),
+        previous_hold_until=state.hold_until,
+    )
+    return [Decided(at, event)]
+
+
+def _activity(state: MemberState, command: cmd.RecordActivity, programme: Programme, now: datetime) -> list[Decided]:
+    """CONTRACT §6.3: the programme's points, available at once; growth that may upgrade."""
+    if command.activity_id in state.activities:
+        raise DuplicateCommand(f"activity:{command.activity_id}")
+    at = business_time(command.occurred_at, programme, now)
+    rule = activities.rule_for(programme, command.type)
+    activities.refuse_over_cap(state, rule, at, programme.zone)
+    tier = programme.tier(current_tier(state, programme))
+    debt_paid = min(state.debt, rule.points)
+    bucket = _new_bucket(f"t:{command.activity_id}", rule.points - debt_paid, at, at, programme)
+    decided = [Decided(at, event) for event in activities.recorded(command, rule, tier.name, debt_paid, bucket)]
+    return decided + _upgrade(state, tier, rule.growth, command.activity_id, at, programme)
 
 
 def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme, now: datetime) -> list[Decided]:
@@ -467,6 +482,7 @@ _RULES: dict[type, Callable[..., list[Decided]]] = {
     cmd.ReverseCouponRedemption: _reverse_coupon_redemption,
     cmd.VoidCoupon: _void_coupon,
     cmd.Adjust: _adjust,
+    cmd.RecordActivity: _activity,
     cmd.ExpireDue: _expire_due,
     cmd.ReviewTier: _review_tier,
     cmd.IssueBirthdayCoupon: _birthday_coupon,

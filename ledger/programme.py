@@ -12,7 +12,7 @@ import hashlib
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -36,6 +36,28 @@ class CouponTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class MemberDay(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
     multiplier_pct: int
+
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+ACTIVITY_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+class Activity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A growth task (§6.3) and what it earns; a cap of 0 means none."""
+
+    type: Annotated[str, msgspec.Meta(pattern=ACTIVITY_TYPE_PATTERN)]
+    points: NonNegative
+    growth: NonNegative
+    daily_cap: NonNegative
+    total_cap: NonNegative
+
+
+def _default_activities() -> list[Activity]:
+    return [
+        Activity("check_in", 1, 10, 1, 0),
+        Activity("review", 5, 20, 3, 0),
+        Activity("profile_completed", 20, 50, 0, 1),
+    ]
 
 
 def _default_tiers() -> list[Tier]:
@@ -71,6 +93,7 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     dormant_after_days: int = 180
     loyal_orders_30d: int = 4
     max_backdate_days: int = 30
+    activities: list[Activity] = msgspec.field(default_factory=_default_activities)
 
     def __post_init__(self) -> None:
         if not self.tiers or self.tiers[0].threshold != 0:
@@ -82,6 +105,8 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         ZoneInfo(self.timezone)  # raises on an unknown zone
+        if len({activity.type for activity in self.activities}) != len(self.activities):
+            raise ValueError("activities: each type may be listed once")
 
     @property
     def zone(self) -> ZoneInfo:
@@ -107,6 +132,9 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
         """The highest tier whose threshold this rolling growth reaches."""
         reached = [tier for tier in self.tiers if tier.threshold <= growth]
         return reached[-1]
+
+    def activity(self, activity_type: str) -> Activity | None:
+        return next((a for a in self.activities if a.type == activity_type), None)
 
     def next_tier(self, name: str) -> Tier | None:
         index = self.tier_index(name)

@@ -136,6 +136,19 @@ class Coupon:
 
 
 @dataclass(slots=True)
+class Activity:
+    """A growth task done (§6.3): counted by the caps, its growth in rolling growth."""
+
+    activity_id: str
+    type: str
+    occurred_at: datetime
+    points: int
+    growth: int
+    ref: str | None
+    version: int
+
+
+@dataclass(slots=True)
 class Upgrade:
     """An upgrade a return of its purchase can undo."""
 
@@ -169,6 +182,7 @@ class MemberState:
     redemptions: dict[str, Redemption] = field(default_factory=dict)
     adjustments: set[str] = field(default_factory=set)
     coupons: dict[str, Coupon] = field(default_factory=dict)
+    activities: dict[str, Activity] = field(default_factory=dict)
     tier: str | None = None  # None: the programme's lowest tier
     hold_until: datetime | None = None
     upgrades: list[Upgrade] = field(default_factory=list)
@@ -247,14 +261,37 @@ def _purchase_recorded(state: MemberState, event: ev.PurchaseRecorded, fact: Fac
 
 
 def _points_earned(state: MemberState, event: ev.PointsEarned, fact: Fact) -> None:
+    state.totals.earned += event.points
+    state.debt -= event.debt_paid
+    if event.activity_id is not None:
+        if event.bucket is not None:
+            _credit_bucket(state, event.bucket, event.activity_id, fact)
+        return
     purchase = state.purchases[event.purchase_id]
     purchase.points = event.points
     purchase.growth = event.growth
-    state.totals.earned += event.points
-    state.debt -= event.debt_paid
     if event.bucket is not None:
         purchase.bucket_id = event.bucket.bucket_id
         _credit_bucket(state, event.bucket, event.purchase_id, fact)
+
+
+def _activity_recorded(state: MemberState, event: ev.ActivityRecorded, fact: Fact) -> None:
+    state.activities[event.activity_id] = Activity(
+        activity_id=event.activity_id,
+        type=event.type,
+        occurred_at=fact.occurred_at,
+        points=event.points,
+        growth=event.growth,
+        ref=event.ref,
+        version=fact.version,
+    )
+
+
+def _caused_by_activity(state: MemberState, event: ev.TierChanged, fact: Fact) -> bool:
+    """An upgrade appended with its activity (at most two events after activity_recorded):
+    no return undoes it, even of a purchase that shares the activity's id."""
+    activity = state.activities.get(event.cause_id or "")
+    return activity is not None and fact.version - activity.version <= 2
 
 
 def _purchase_returned(state: MemberState, event: ev.PurchaseReturned, fact: Fact) -> None:
@@ -313,7 +350,9 @@ def _points_adjusted(state: MemberState, event: ev.PointsAdjusted, fact: Fact) -
 
 def _tier_changed(state: MemberState, event: ev.TierChanged, fact: Fact) -> None:
     if event.reason == "upgrade":
-        state.upgrades.append(Upgrade(event.cause_id or "", event.from_tier, event.previous_hold_until))
+        # cause "" matches no return: an activity's upgrade stays.
+        cause_id = "" if _caused_by_activity(state, event, fact) else event.cause_id or ""
+        state.upgrades.append(Upgrade(cause_id, event.from_tier, event.previous_hold_until))
     elif event.reason == "return":
         state.upgrades.pop()
     else:
@@ -378,4 +417,5 @@ _APPLIERS = {
     ev.CouponRedemptionReversed: _coupon_redemption_reversed,
     ev.CouponVoided: _coupon_voided,
     ev.CouponExpired: _coupon_expired,
+    ev.ActivityRecorded: _activity_recorded,
 }

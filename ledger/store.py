@@ -30,7 +30,7 @@ NOTIFY_CHANNEL = "loyalty_events"
 GROUP_BATCH_MAX = 500  # commands in one group-commit transaction
 GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 # Bump when MemberState's shape changes: older snapshots are then ignored.
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 MAX_READ_LIMIT = 10_000
 MAX_WAIT_MS = 30_000
 

@@ -82,7 +82,7 @@ def balance(state: MemberState, at: datetime) -> Balance:
 
 
 def rolling_growth(state: MemberState, at: datetime, programme: Programme) -> int:
-    """Growth of purchases with occurred_at in (at - window, at], net of their returns up to at."""
+    """Growth of purchases and activities with occurred_at in (at - window, at], purchases net of their returns up to at."""
     window_start = at - timedelta(days=programme.tier_window_days)
     growth = 0
     # A plain loop: this runs on every purchase and return over all of the
@@ -90,6 +90,9 @@ def rolling_growth(state: MemberState, at: datetime, programme: Programme) -> in
     for purchase in state.purchases.values():
         if window_start < purchase.occurred_at <= at:
             growth += purchase.growth_at(at) if purchase.returns else purchase.growth
+    for activity in state.activities.values():  # §6.3: returns never touch an activity's growth
+        if window_start < activity.occurred_at <= at:
+            growth += activity.growth
     return growth
 
 

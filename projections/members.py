@@ -20,13 +20,13 @@ import asyncpg
 
 from events import catalogue as ev
 from ledger.programme import Programme
-from ledger.state import GrowthReturn, MemberState, Purchase
+from ledger.state import Activity, GrowthReturn, MemberState, Purchase
 from ledger.views import LOYAL_WINDOW, rfm
 from projections.feed import Decoded, FeedEnvelope
 from projections.tables import Row, Rows, Target, apply_in_memory, insert_rows
 
 NAME = "members"
-TABLES = ("member_summary", "member_purchases", "member_returns", "member_tiers")
+TABLES = ("member_summary", "member_purchases", "member_returns", "member_tiers", "member_activities")
 EVENT_TYPES = frozenset(
     {
         "member_enrolled",
@@ -39,6 +39,7 @@ EVENT_TYPES = frozenset(
         "points_adjusted",
         "coupon_issued",
         "tier_changed",
+        "activity_recorded",
     }
 )
 
@@ -52,10 +53,11 @@ PURCHASE_COLUMNS = (
 )
 RETURN_COLUMNS = ("stream_id", "return_id", "purchase_id", "occurred_at", "amount_cents", "points", "growth", "position")
 TIER_COLUMNS = ("stream_id", "position", "occurred_at", "from_tier", "to_tier", "reason", "cause_id", "hold_until")
+ACTIVITY_COLUMNS = ("stream_id", "position", "activity_id", "type", "occurred_at", "points", "growth", "ref")
 
 
 def ddl(target: Target) -> list[str]:
-    summary, purchases, returns, tiers = (target.table(t) for t in TABLES)
+    summary, purchases, returns, tiers, activities = (target.table(t) for t in TABLES)
     return [
         f"""CREATE TABLE IF NOT EXISTS {summary} (
             stream_id            text PRIMARY KEY,
@@ -109,6 +111,18 @@ def ddl(target: Target) -> list[str]:
             hold_until  timestamptz,
             PRIMARY KEY (stream_id, position)
         )""",
+        # A member's page of activities reads by position; the rolling growth of the replay by date.
+        f"""CREATE TABLE IF NOT EXISTS {activities} (
+            stream_id   text NOT NULL,
+            position    bigint NOT NULL,
+            activity_id text NOT NULL,
+            type        text NOT NULL,
+            occurred_at timestamptz NOT NULL,
+            points      bigint NOT NULL,
+            growth      bigint NOT NULL,
+            ref         text,
+            PRIMARY KEY (stream_id, position)
+        )""",
     ]
 
 
@@ -119,18 +133,21 @@ class _Batch:
     """The rows one batch of events touches, and the tier rows it appends."""
 
     def __init__(self, target: Target) -> None:
-        summary, purchases, returns, tiers = (target.table(t) for t in TABLES)
+        summary, purchases, returns, tiers, activities = (target.table(t) for t in TABLES)
         self.summaries = Rows(summary, ("stream_id",), SUMMARY_COLUMNS)
         self.purchases = Rows(purchases, ("stream_id", "purchase_id"), PURCHASE_COLUMNS)
         self.returns = Rows(returns, ("stream_id", "return_id"), RETURN_COLUMNS)
         self.tiers_table = tiers
         self.new_tiers: list[Row] = []
+        self.activities_table = activities
+        self.new_activities: list[Row] = []
 
     async def load(self, conn: asyncpg.Connection, batch: list[Decoded]) -> None:
         # type(x) is, not isinstance: 0.48 us an event on these structs, twice per event here
         await self.summaries.load(conn, [(e.stream_id,) for e, _ in batch],
                                   created=[(e.stream_id,) for e, x in batch if type(x) is ev.MemberEnrolled])
-        await self.purchases.load(conn, [(e.stream_id, x.purchase_id) for e, x in batch if hasattr(x, "purchase_id")],
+        await self.purchases.load(conn, [(e.stream_id, x.purchase_id) for e, x in batch
+                                         if getattr(x, "purchase_id", None) is not None],
                                   created=[(e.stream_id, x.purchase_id) for e, x in batch
                                            if type(x) is ev.PurchaseRecorded])
         await self.returns.load(conn, [(e.stream_id, x.return_id) for e, x in batch if hasattr(x, "return_id")],
@@ -142,6 +159,7 @@ class _Batch:
         await self.purchases.save(conn)
         await self.returns.save(conn)
         await insert_rows(conn, self.tiers_table, TIER_COLUMNS, self.new_tiers)
+        await insert_rows(conn, self.activities_table, ACTIVITY_COLUMNS, self.new_activities)
 
 
 async def apply(conn: asyncpg.Connection, batch: list[Decoded], target: Target) -> None:
@@ -182,8 +200,9 @@ def _purchase_recorded(rows: _Batch, envelope: FeedEnvelope, event: ev.PurchaseR
 
 
 def _points_earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
-    purchase = _purchase(rows, envelope, event.purchase_id)
-    purchase["points"], purchase["growth"] = event.points, event.growth
+    if event.purchase_id is not None:
+        purchase = _purchase(rows, envelope, event.purchase_id)
+        purchase["points"], purchase["growth"] = event.points, event.growth
     summary = _summary(rows, envelope)
     summary["lifetime_earned"] += event.points
     summary["debt"] -= event.debt_paid
@@ -248,6 +267,17 @@ def _tier_changed(rows: _Batch, envelope: FeedEnvelope, event: ev.TierChanged) -
     )
 
 
+def _activity_recorded(rows: _Batch, envelope: FeedEnvelope, event: ev.ActivityRecorded) -> None:
+    _summary(rows, envelope)
+    rows.new_activities.append(
+        {
+            "stream_id": envelope.stream_id, "position": envelope.position, "activity_id": event.activity_id,
+            "type": event.type, "occurred_at": envelope.occurred_at, "points": event.points,
+            "growth": event.growth, "ref": event.ref,
+        }
+    )
+
+
 _APPLIERS: dict[type, Callable[[_Batch, FeedEnvelope, Any], None]] = {
     ev.MemberEnrolled: _enrolled,
     ev.PurchaseRecorded: _purchase_recorded,
@@ -259,6 +289,7 @@ _APPLIERS: dict[type, Callable[[_Batch, FeedEnvelope, Any], None]] = {
     ev.PointsAdjusted: _points_adjusted,
     ev.CouponIssued: _coupon_issued,
     ev.TierChanged: _tier_changed,
+    ev.ActivityRecorded: _activity_recorded,
 }
 assert set(_APPLIERS) == {ev.EVENT_TYPES[name] for name in EVENT_TYPES}
 
@@ -332,7 +363,8 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
     """The parts of the member's state the tier view reads, as events up to ``at`` made them.
 
     Tier and hold come from the last tier change in log order with
-    ``occurred_at <= at``; rolling growth from the purchases and returns up to ``at``.
+    ``occurred_at <= at``; rolling growth from the purchases, returns and
+    activities up to ``at``.
     """
     summary = await conn.fetchrow(
         f"SELECT stream_id, enrolled_at FROM {target.table('member_summary')} WHERE stream_id = $1", stream_id
@@ -362,4 +394,14 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
         purchase = state.purchases.get(row["purchase_id"])
         if purchase is not None:
             purchase.returns.append(GrowthReturn(row["occurred_at"], row["growth"]))
+    activities = await conn.fetch(
+        f"""SELECT * FROM {target.table('member_activities')} WHERE stream_id = $1 AND occurred_at <= $2
+            ORDER BY position""",
+        stream_id, at,
+    )
+    for row in activities:
+        state.activities[row["activity_id"]] = Activity(
+            activity_id=row["activity_id"], type=row["type"], occurred_at=row["occurred_at"], points=row["points"],
+            growth=row["growth"], ref=row["ref"], version=row["position"],
+        )
     return state

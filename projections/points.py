@@ -43,7 +43,7 @@ EVENT_TYPES = frozenset(
         "coupon_issued",
     }
 )
-KINDS = ("earn", "clawback", "redeem", "redeem_reversal", "coupon_purchase", "adjust", "expire")
+KINDS = ("earn", "activity", "referral", "clawback", "redeem", "redeem_reversal", "coupon_purchase", "adjust", "expire")
 
 BUCKET_COLUMNS = (
     "stream_id", "bucket_id", "ref", "occurred_at", "available_at", "expires_at", "amount", "remaining", "position",
@@ -178,10 +178,11 @@ def _burned(rows: _Batch, envelope: FeedEnvelope, kind: str, event, ref: str, re
 
 
 def _earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
+    kind, ref, reason = ("activity", event.activity_id, "activity") if event.activity_id else ("earn", event.purchase_id, "purchase")
     if event.bucket is not None:
-        rows.credit(envelope, event.bucket, event.purchase_id)
-        rows.line(envelope, "earn", event.bucket.amount, event.bucket.bucket_id, event.purchase_id, "purchase")
-    rows.line(envelope, "earn", event.debt_paid, None, event.purchase_id, "purchase pays debt")
+        rows.credit(envelope, event.bucket, ref)
+        rows.line(envelope, kind, event.bucket.amount, event.bucket.bucket_id, ref, reason)
+    rows.line(envelope, kind, event.debt_paid, None, ref, f"{reason} pays debt")
 
 
 def _clawed_back(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsClawedBack) -> None:
@@ -247,7 +248,7 @@ async def ledger_page(conn, stream_id: str, after_line: int, limit: int, target:
 
 # Lifetime totals as sums of trail lines by kind (expiry lines are read from dates instead).
 _TOTAL_SIGNS = {
-    "earned": {"earn": 1},
+    "earned": {"earn": 1, "activity": 1, "referral": 1},
     "clawed": {"clawback": -1},
     "adjusted": {"adjust": 1},
     "redeemed": {"redeem": -1, "coupon_purchase": -1, "redeem_reversal": -1},

@@ -1,4 +1,4 @@
-"""A small pure model of CONTRACT §2, written from the contract's text alone.
+"""A small pure model of CONTRACT §2 and §6.3, written from the contract's text alone.
 
 It shares no code with ``ledger/`` except the ``Programme`` settings. Nothing
 is clever: a member is a handful of flat lists of dated entries, and every
@@ -103,6 +103,14 @@ class Coupon:
 
 
 @dataclass
+class Activity:
+    activity_id: str
+    type: str
+    at: datetime
+    growth: int
+
+
+@dataclass
 class Member:
     member_id: str
     enrolled_at: datetime
@@ -117,7 +125,9 @@ class Member:
     redemptions: dict[str, Redemption] = field(default_factory=dict)
     adjustments: set[str] = field(default_factory=set)
     tiers: list[tuple[datetime, str, datetime | None]] = field(default_factory=list)  # (at, tier, hold_until), log order
-    upgrades: list[tuple[str, str, datetime | None]] = field(default_factory=list)  # (cause purchase, from tier, from hold)
+    # (cause purchase, from tier, from hold); the cause is None for an activity's upgrade: no return undoes it.
+    upgrades: list[tuple[str | None, str, datetime | None]] = field(default_factory=list)
+    activities: dict[str, Activity] = field(default_factory=dict)
     coupons: dict[str, Coupon] = field(default_factory=dict)
     times: list[datetime] = field(default_factory=list)  # occurred_at of everything recorded, log order
 
@@ -234,11 +244,19 @@ class Model:
 
     def rolling_growth(self, m: Member, at: datetime) -> int:
         start = at - timedelta(days=self.p.tier_window_days)
-        return sum(
+        purchases = sum(
             p.growth - sum(g for (t, g) in p.growth_returns if t <= at)
             for p in m.purchases.values()
             if start < p.at <= at
         )
+        return purchases + sum(a.growth for a in m.activities.values() if start < a.at <= at)
+
+    def _upgrade(self, m: Member, at: datetime, tier: str, hold: datetime | None, cause: str | None) -> None:
+        """Up to the tier rolling growth at ``at`` now reaches, if higher (cause None: no return undoes it)."""
+        reached = self._qualified(self.rolling_growth(m, at))
+        if self._tier_index(reached) > self._tier_index(tier):
+            m.upgrades.append((cause, tier, hold))
+            m.tiers.append((at, reached, at + timedelta(days=self.p.tier_hold_days)))
 
     def _member(self, member_id: str) -> Member | Refused:
         m = self.members.get(member_id)
@@ -285,12 +303,35 @@ class Model:
         m.purchases[purchase_id] = Purchase(purchase_id, at, amount_cents, points, growth)
         m.totals.append((at, "earned", points))
         paid = self._credit(m, f"p:{purchase_id}", at, at + timedelta(days=self.p.pending_days), points)
-        reached = self._qualified(self.rolling_growth(m, at))
-        if self._tier_index(reached) > self._tier_index(tier):
-            m.upgrades.append((purchase_id, tier, hold))
-            m.tiers.append((at, reached, at + timedelta(days=self.p.tier_hold_days)))
+        self._upgrade(m, at, tier, hold, purchase_id)
         self._note(m, at)
         return {"points": points, "growth": growth, "tier": self.tier_now(m)[0], "debt_paid": paid}
+
+    def activity(self, member_id: str, activity_id: str, activity_type: str, occurred_at: datetime | None = None):
+        """CONTRACT §6.3: programme points at once (no multiplier), growth, caps by local day and in all."""
+        m = self._member(member_id)
+        if isinstance(m, Refused):
+            return m
+        if activity_id in m.activities:
+            return Duplicate(f"activity:{activity_id}")
+        at = self._time(occurred_at)
+        if isinstance(at, Refused):
+            return at
+        entry = next((a for a in self.p.activities if a.type == activity_type), None)
+        if entry is None:
+            return Refused(422, "unknown_activity")
+        same_type = [a for a in m.activities.values() if a.type == activity_type]
+        same_day = [a for a in same_type if a.at.astimezone(self.zone).date() == at.astimezone(self.zone).date()]
+        if (entry.total_cap and len(same_type) >= entry.total_cap) or (entry.daily_cap and len(same_day) >= entry.daily_cap):
+            return Refused(409, "activity_cap_reached")
+        tier, hold = self.tier_now(m)
+        m.activities[activity_id] = Activity(activity_id, activity_type, at, entry.growth)
+        if entry.points:
+            m.totals.append((at, "earned", entry.points))
+            self._credit(m, f"t:{activity_id}", at, at, entry.points)
+        self._upgrade(m, at, tier, hold, None)
+        self._note(m, at)
+        return {"points": entry.points, "growth": entry.growth, "tier": self.tier_now(m)[0]}
 
     def ret(self, member_id: str, return_id: str, purchase_id: str, amount_cents: int, occurred_at: datetime | None = None):
         m = self._member(member_id)

@@ -27,7 +27,7 @@ from ledger.store import EventStore
 from ledger.views import balance, tier_view
 from tests.model import Duplicate, Refused
 from tests.support import OwnDatabase
-from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, ShortClocks
+from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, GrowthTasks, ShortClocks
 
 SERVER: dict[str, str] = {}
 _databases = itertools.count(1)
@@ -87,6 +87,10 @@ class AppDriver(Driver):
     def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None):
         command = cmd.RecordPurchase(purchase_id=purchase_id, store_id="s1", amount_cents=amount_cents, occurred_at=occurred_at)
         return self._execute("purchase", member_id, command)
+
+    def activity(self, member_id, activity_id, activity_type, occurred_at=None):
+        command = cmd.RecordActivity(activity_id=activity_id, type=activity_type, occurred_at=occurred_at)
+        return self._execute("activity", member_id, command)
 
     def ret(self, member_id, return_id, purchase_id, amount_cents, occurred_at=None):
         command = cmd.RecordReturn(return_id=return_id, purchase_id=purchase_id, amount_cents=amount_cents, occurred_at=occurred_at)
@@ -158,6 +162,10 @@ class AppDriver(Driver):
     def version(self, member_id):
         return self.run(self.ledger.load(member_id)).version
 
+    def activities(self, member_id):
+        state = self.run(self.ledger.load(member_id))
+        return [(a.activity_id, a.type, a.occurred_at) for a in state.activities.values()]
+
 
 class AppMachine(ProgrammeMachine):
     def make_driver(self, programme: Programme, now: datetime) -> Driver:
@@ -171,9 +179,15 @@ class AppShortClocks(AppMachine):
     programme = ShortClocks.programme
 
 
+class AppGrowthTasks(AppMachine):
+    programme = GrowthTasks.programme
+
+
 THROUGH_THE_DATABASE = settings(FAST, max_examples=12, stateful_step_count=25)
 
 TestProgrammeThroughTheApplication = AppMachine.TestCase
 TestProgrammeThroughTheApplication.settings = THROUGH_THE_DATABASE
 TestShortClocksThroughTheApplication = AppShortClocks.TestCase
 TestShortClocksThroughTheApplication.settings = THROUGH_THE_DATABASE
+TestGrowthTasksThroughTheApplication = AppGrowthTasks.TestCase
+TestGrowthTasksThroughTheApplication.settings = THROUGH_THE_DATABASE

@@ -27,7 +27,7 @@ from events import catalogue as ev
 from ledger import commands as cmd
 from ledger.decide import decide
 from ledger.errors import DuplicateCommand, Refusal
-from ledger.programme import Programme
+from ledger.programme import Activity, Programme
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.views import available_points, balance, current_tier, tier_view
 from tests.model import WEEKDAY_NAMES, Duplicate, Model, Refused
@@ -68,6 +68,9 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def ret(self, member_id, return_id, purchase_id, amount_cents, occurred_at=None) -> Result: ...
+
+    @abc.abstractmethod
+    def activity(self, member_id, activity_id, activity_type, occurred_at=None) -> Result: ...
 
     @abc.abstractmethod
     def redeem(self, member_id, redemption_id, points, occurred_at=None) -> Result: ...
@@ -112,6 +115,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def version(self, member_id: str) -> int:
         """The member's stream version (0 for no such member)."""
+
+    @abc.abstractmethod
+    def activities(self, member_id: str) -> list[tuple[str, str, datetime]]:
+        """(activity_id, type, occurred_at) of every activity the member has recorded."""
 
 
 def _parts(parts: list[ev.BucketPoints]) -> list[tuple[str, int]]:
@@ -169,6 +176,13 @@ class DomainDriver(Driver):
             "tier": current_tier(state, self.programme),
             "debt_paid": earned.debt_paid,
         }
+
+    def activity(self, member_id, activity_id, activity_type, occurred_at=None):
+        out = self._run(member_id, cmd.RecordActivity(activity_id=activity_id, type=activity_type, occurred_at=occurred_at))
+        if isinstance(out, (Refused, Duplicate)):
+            return out
+        recorded = self._one(out, ev.ActivityRecorded)
+        return {"points": recorded.points, "growth": recorded.growth, "tier": current_tier(self.states[member_id], self.programme)}
 
     def ret(self, member_id, return_id, purchase_id, amount_cents, occurred_at=None):
         command = cmd.RecordReturn(return_id=return_id, purchase_id=purchase_id, amount_cents=amount_cents, occurred_at=occurred_at)
@@ -286,6 +300,9 @@ class DomainDriver(Driver):
     def version(self, member_id):
         state = self.states.get(member_id)
         return state.version if state is not None else 0
+
+    def activities(self, member_id):
+        return [(a.activity_id, a.type, a.occurred_at) for a in self.states[member_id].activities.values()]
 
 
 # -- strategies ---------------------------------------------------------------------
@@ -408,7 +425,8 @@ class ProgrammeMachine(RuleBasedStateMachine):
         self.buy(data, amount)
 
     def upgraded(self) -> list[str]:
-        return [m for m in self.members() if self.model.members[m].upgrades]
+        """Members whose latest upgrade a return can undo (a purchase caused it, not an activity)."""
+        return [m for m in self.members() if self.model.members[m].upgrades and self.model.members[m].upgrades[-1][0]]
 
     @precondition(lambda self: self.upgraded())
     @rule(data=st.data(), share=st.sampled_from([1, 2, 4]))
@@ -420,6 +438,29 @@ class ProgrammeMachine(RuleBasedStateMachine):
         left = p.amount_cents - p.returned_cents
         if left > 0:
             self.return_and_check(member_id, p.purchase_id, max(left // share, 1))
+
+    @precondition(lambda self: self.model.members)
+    @rule(data=st.data())
+    def activity(self, data):
+        """A growth task of a listed type (or an unknown one), now, late or out of the window."""
+        member_id = data.draw(st.sampled_from(self.members()))
+        activity_type = data.draw(st.sampled_from([a.type for a in self.programme.activities] + ["nope"]))
+        activity_id = self.fresh("t")
+        answer = self.do("activity", member_id, activity_id, activity_type, occurred_at=self.when(data))
+        if isinstance(answer, dict):
+            self.natural.append(("activity", (member_id, activity_id, activity_type), {}))
+
+    @precondition(lambda self: self.model.members)
+    @rule(data=st.data(), times=st.integers(2, 5))
+    def activities_on_one_day(self, data, times):
+        """The same type again and again on one programme-local day: the caps must hold."""
+        member_id = data.draw(st.sampled_from(self.members()))
+        activity_type = data.draw(st.sampled_from([a.type for a in self.programme.activities]))
+        at = self.when(data)
+        for _ in range(times):
+            activity_id = self.fresh("t")
+            if isinstance(self.do("activity", member_id, activity_id, activity_type, occurred_at=at), dict):
+                self.natural.append(("activity", (member_id, activity_id, activity_type), {}))
 
     def with_purchases(self) -> list[str]:
         return [m for m in self.members() if self.model.members[m].purchases]
@@ -726,6 +767,20 @@ class ProgrammeMachine(RuleBasedStateMachine):
                 for bucket_id, amount, remaining in self.driver.buckets(member_id, at):
                     assert 0 <= remaining <= amount, ("bucket out of 0..amount", member_id, at, bucket_id)
             assert sorted(self.driver.buckets(member_id)) == sorted(self.model.buckets(member_id))
+            self.activity_caps_hold(member_id)
+
+    def activity_caps_hold(self, member_id: str) -> None:
+        """No member ever has more activities of a type than its caps allow, by local day or in all."""
+        zone = ZoneInfo(self.programme.timezone)
+        done = self.driver.activities(member_id)
+        assert sorted(a for a, _, _ in done) == sorted(self.model.members[member_id].activities)
+        for entry in self.programme.activities:
+            of_type = [at for _, kind, at in done if kind == entry.type]
+            if entry.total_cap:
+                assert len(of_type) <= entry.total_cap, ("total cap exceeded", member_id, entry)
+            if entry.daily_cap:
+                days = [at.astimezone(zone).date() for at in of_type]
+                assert all(days.count(day) <= entry.daily_cap for day in days), ("daily cap exceeded", member_id, entry)
 
 
 FAST = settings(
@@ -753,6 +808,22 @@ class NeverDowngrade(ProgrammeMachine):
     programme = Programme(downgrade="never", tier_hold_days=30)
 
 
+class GrowthTasks(ProgrammeMachine):
+    """An activity table of the operator's own: tight caps, growth enough to move tiers, a task worth 0 points."""
+
+    programme = Programme(
+        activities=[
+            Activity("check_in", 1, 10, 1, 0),
+            Activity("survey", 0, 40, 2, 0),
+            Activity("live_event", 30, 1600, 2, 3),
+            Activity("profile_completed", 20, 50, 0, 1),
+        ],
+        tier_window_days=30,
+        tier_hold_days=10,
+        max_backdate_days=60,
+    )
+
+
 class ShortClocks(ProgrammeMachine):
     """Short windows, so expiry, holds and late events meet within a few clock steps."""
 
@@ -773,5 +844,7 @@ TestDowngradeToQualified = DowngradeToQualified.TestCase
 TestDowngradeToQualified.settings = VARIANT
 TestNeverDowngrade = NeverDowngrade.TestCase
 TestNeverDowngrade.settings = VARIANT
+TestGrowthTasks = GrowthTasks.TestCase
+TestGrowthTasks.settings = VARIANT
 TestShortClocks = ShortClocks.TestCase
 TestShortClocks.settings = VARIANT

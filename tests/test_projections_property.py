@@ -48,6 +48,8 @@ STEPS = st.one_of(
     st.tuples(st.just("redeem_coupon"), MEMBERS, COUPONS, AMOUNTS),
     st.tuples(st.just("reverse_coupon"), MEMBERS, COUPONS),
     st.tuples(st.just("job"), st.sampled_from(["expire", "tiers"])),
+    st.tuples(st.just("activity"), MEMBERS, st.sampled_from(["t1", "t2", "t3", "t4"]),
+              st.sampled_from(["check_in", "review", "profile_completed", "nope"]), DAYS_AGO),
     st.tuples(st.just("project"), st.integers(1, 15)),
 )
 
@@ -116,6 +118,9 @@ TRICKY = [
     ("project", 3), ("advance", 366), ("job", "expire"), ("job", "tiers"), ("buy_coupon", "m2", "c1", 5),
     # A late burn of points the expire job had already written off (dated before expires_at).
     ("purchase", "m2", "p1", 100_000, 380), ("job", "expire"), ("project", 4), ("redeem", "m2", "r1", 30, 20),
+    # Activities: points at once, one paying debt, a late one, a capped one.
+    ("activity", "m1", "t1", "profile_completed", 0), ("activity", "m1", "t2", "check_in", 6),
+    ("activity", "m1", "t3", "profile_completed", 0), ("project", 2),
 ]
 
 

@@ -84,6 +84,10 @@ class Shop:
     async def reverse_coupon(self, member_id: str, coupon_id: str) -> Outcome:
         return await self.do("coupon_redemption_reversal", member_id, cmd.ReverseCouponRedemption(coupon_id=coupon_id))
 
+    async def activity(self, member_id: str, activity_id: str, activity_type: str, days_ago: float = 0) -> Outcome:
+        return await self.do("activity", member_id, cmd.RecordActivity(
+            activity_id=activity_id, type=activity_type, occurred_at=self.ago(days_ago)))
+
     async def job(self, name: str) -> dict:
         return await run_job(self.ledger, name, self.clock())
 
