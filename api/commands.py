@@ -51,6 +51,8 @@ OPERATIONS = [
               ("coupon_id",), "Void an issued coupon (admin)"),
     Operation("adjustment", "POST", "/v1/members/{member_id}/adjustments", cmd.Adjust, ADMIN,
               summary="Adjust points by hand (admin; reason required)"),
+    Operation("activity", "POST", "/v1/members/{member_id}/activities", cmd.RecordActivity, CHECKOUT,
+              summary="Record a growth task (check-in, review, ...): its points and growth"),
 ]
 OPERATIONS_BY_NAME = {op.name: op for op in OPERATIONS}
 

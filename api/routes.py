@@ -7,13 +7,14 @@ these, so nothing else needs to know about it.
 
 from __future__ import annotations
 
-from api import admin, batch, commands, health, projected, reads
+from api import activities, admin, batch, commands, health, projected, reads
 from api.route import Route
 
 ROUTES: list[Route] = [
     *commands.ROUTES,
     *batch.ROUTES,
     *reads.ROUTES,
+    *activities.ROUTES,
     *projected.ROUTES,
     *admin.ROUTES,
     *health.ROUTES,

@@ -15,7 +15,7 @@ from ledger.errors import DuplicateCommand
 from ledger.programme import Activity, Programme
 from ledger.views import rolling_growth
 from projections import liability, members, points
-from projections.replay import replay
+from cli.replay import replay
 from tests.test_projections_support import PROGRAMME, Shop, fresh_database, project_all
 from tests.test_rules_examples import DAY, TUESDAY, Member
 
