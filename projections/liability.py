@@ -199,6 +199,17 @@ async def liability(conn, at: datetime, programme: Programme, target: Target = T
     )
     rows = [dict(r) for r in months] + [{"month": label, **dict(partial)}]
     totals = {name: sum(r[name] for r in rows) for name in SUMS}
-    by_month = [{"month": r["month"], **{n: r[n] for n in FIGURES}} for r in rows if any(r[n] for n in FIGURES)]
-    outstanding = totals["earned"] - totals["clawed"] + totals["adjusted"] - totals["redeemed"] - totals["expired"]
+    by_month, outstanding = [], 0
+    for row in rows:
+        # Each month also says what was outstanding at its end (as of ``at`` for the last one),
+        # so the console charts the liability without a rule of its own.
+        outstanding += _outstanding(row)
+        if any(row[n] for n in FIGURES):
+            by_month.append({"month": row["month"], **{n: row[n] for n in FIGURES}, "outstanding": outstanding})
+    assert outstanding == _outstanding(totals)
     return {"as_of": at, **totals, "outstanding": outstanding, "by_month": by_month}
+
+
+def _outstanding(figures: dict[str, int]) -> int:
+    """CONTRACT §2's identity: what members hold (available + pending), summed."""
+    return figures["earned"] - figures["clawed"] + figures["adjusted"] - figures["redeemed"] - figures["expired"]

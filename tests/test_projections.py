@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
@@ -310,6 +310,13 @@ async def test_liability_as_of_a_past_time_is_the_same_before_and_after_later_ev
     assert [m["month"] for m in now["by_month"]] == ["2024-12", "2025-01", "2025-02", "2026-02"]
     for figure in liability.FIGURES:
         assert sum(month[figure] for month in now["by_month"]) == now[figure]
+    # Each month's outstanding is the liability at its end (the console charts it).
+    for month in now["by_month"][:-1]:
+        mid_month = datetime.fromisoformat(f"{month['month']}-15T00:00:00+00:00")
+        _label, _starts_at, ends_at = liability.month_of(mid_month, PROGRAMME.zone)
+        at_end = await liability.liability(pool, ends_at - timedelta(microseconds=1), PROGRAMME)
+        assert month["outstanding"] == at_end["outstanding"], month
+    assert now["by_month"][-1]["outstanding"] == now["outstanding"]
     report = await replay(pool, PROGRAMME, past)
     assert report.ok, report.mismatches
 

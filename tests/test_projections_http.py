@@ -90,7 +90,7 @@ async def test_liability_is_served_as_of_a_time_by_month(api, projectors):
     assert status == 200, body
     assert (body["earned"], body["outstanding"], body["debt"]) == (30, 30, 0)
     assert body["by_month"] == [
-        {"month": "2024-12", "earned": 30, "clawed": 0, "adjusted": 0, "redeemed": 0, "expired": 0}
+        {"month": "2024-12", "earned": 30, "clawed": 0, "adjusted": 0, "redeemed": 0, "expired": 0, "outstanding": 30}
     ]
     status, before, _ = await api.get("/v1/programme/liability", as_of="2024-12-20T00:00:00Z")
     assert before["earned"] == 0 and before["by_month"] == [] and before["as_of"] == "2024-12-20T00:00:00Z"
