@@ -14,13 +14,21 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# The console's browser tests drive Debian's chromium (Playwright's own browser
+# downloads cannot reach closed networks): installed here when missing and we
+# may (root with apt-get); elsewhere tests/test_console.py says why it skips.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || true; }
+
 # With no DATABASE_URL, runs an embedded PostgreSQL with its data in ./.loyalty/.
 serve: $(STAMP)
 	$(VENV)/bin/loyalty serve
 
 # A throwaway embedded PostgreSQL unless TEST_DATABASE_URL is set;
 # PYTEST_ARGS picks tests, e.g. make test PYTEST_ARGS=tests/test_database.py
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The bench's own extras (matplotlib, eventsourcing, psycopg, py-spy); wrk

@@ -94,6 +94,15 @@ async def database_url(database_server_url, template_database):
     await _drop_database(database_server_url, name)
 
 
+@pytest.fixture(scope="module")
+def module_database_url(database_server_url, template_database):
+    """A fresh database shared by one module's tests (e.g. one service process and browser for all)."""
+    name = f"loyalty_m_{_PID}_{next(_numbers)}"
+    url = run_blocking(lambda: _create_database(database_server_url, name, template_database))
+    yield url
+    run_blocking(lambda: _drop_database(database_server_url, name))
+
+
 @pytest.fixture
 async def blank_database_url(database_server_url):
     """The URL of a fresh, empty database (no schema), dropped after the test."""

@@ -1,0 +1,222 @@
+// The operators' and auditors' pages: liability by month, campaigns and their budgets,
+// programme versions, projection and publication lag, chain verification.
+import { eachPage, get } from "./api.js";
+import { figures, h, page, replace, table } from "./dom.js";
+import { points, text, time } from "./format.js";
+import { fill } from "./shell.js";
+
+const LAG_REFRESH_MS = 5000;
+
+function asOfForm(path, asOf) {
+  const input = h("input", { name: "as_of", id: "as_of", value: asOf, class: "grow", placeholder: "2025-01-31T16:00:00Z" });
+  return h("form", { class: "card", method: "get", action: path },
+    h("label", { for: "as_of" }, "As of (RFC 3339; empty for now)"),
+    h("div", { class: "row" }, h("div", { class: "grow" }, input), h("button", { type: "submit" }, "Show"),
+      asOf ? h("a", { href: path }, "now") : null));
+}
+
+// -- liability ------------------------------------------------------------------------
+
+export async function liability() {
+  const asOf = new URLSearchParams(window.location.search).get("as_of") || "";
+  const slot = h("div");
+  replace(page(), h("h1", {}, "Points liability by month"), asOfForm("/console/liability", asOf), slot);
+  let drawChart = null;
+  await fill(slot, "the liability", async () => {
+    const answer = await get("/v1/programme/liability", { as_of: asOf });
+    const chart = h("div", { class: "chart", "data-chart": "liability", role: "img",
+      "aria-label": "Points issued, redeemed and expired by month, and outstanding at each month's end" });
+    const view = h("div", {},
+      figures([
+        ["outstanding", points(answer.outstanding), "outstanding"],
+        ["earned", points(answer.earned), "earned"],
+        ["clawed back", points(answer.clawed), "clawed"],
+        ["adjusted", points(answer.adjusted), "adjusted"],
+        ["redeemed", points(answer.redeemed), "redeemed"],
+        ["expired", points(answer.expired), "expired"],
+        ["debt", points(answer.debt), "debt"],
+        ["as of", time(answer.as_of), "as_of", "small"],
+      ]),
+      h("h2", {}, "By month (programme timezone)"), chart,
+      h("h2", {}, "The figures charted"), monthTable(answer.by_month));
+    drawChart = () => drawLiability(chart, answer.by_month);
+    return view;
+  });
+  // Drawn once its element is in the page: Chart.js sizes the canvas to its parent.
+  if (drawChart) drawChart();
+}
+
+function monthTable(months) {
+  return table([
+    { label: "month", cell: (m) => m.month },
+    { label: "issued (earned)", num: true, cell: (m) => points(m.earned) },
+    { label: "clawed back", num: true, cell: (m) => points(m.clawed) },
+    { label: "adjusted", num: true, cell: (m) => points(m.adjusted) },
+    { label: "redeemed", num: true, cell: (m) => points(m.redeemed) },
+    { label: "expired", num: true, cell: (m) => points(m.expired) },
+    { label: "outstanding at the end", num: true, cell: (m) => points(m.outstanding) },
+  ], months, () => ({ "data-row": "month" }));
+}
+
+function drawLiability(element, months) {
+  if (!window.Chart) {
+    replace(element, h("p", { class: "refusal" }, "The chart library did not load; the table below has the figures."));
+    return;
+  }
+  const canvas = h("canvas");
+  replace(element, canvas);
+  const bars = (label, key, color) => ({ type: "bar", label, data: months.map((m) => m[key]), backgroundColor: color, order: 2 });
+  new window.Chart(canvas, {
+    data: {
+      labels: months.map((m) => m.month),
+      datasets: [
+        { type: "line", label: "outstanding", data: months.map((m) => m.outstanding), borderColor: "#1d2433",
+          backgroundColor: "#1d2433", tension: 0.2, order: 1 },
+        bars("issued", "earned", "#1f5fbf"),
+        bars("redeemed", "redeemed", "#2f9e6b"),
+        bars("expired", "expired", "#d98c1f"),
+      ],
+    },
+    options: {
+      animation: false,
+      responsive: true,
+      maintainAspectRatio: false,
+      interaction: { mode: "index", intersect: false },
+      scales: { y: { beginAtZero: true, title: { display: true, text: "points" } } },
+    },
+  });
+  element.setAttribute("data-rendered", String(months.length));
+}
+
+// -- campaigns ------------------------------------------------------------------------
+
+function reward(r) {
+  if (!r) return "—";
+  if (r.kind === "multiplier") return `×${r.multiplier_pct}%`;
+  if (r.kind === "bonus") return `+${points(r.points)} points`;
+  return `${r.kind} ${JSON.stringify({ ...r, kind: undefined })}`;
+}
+
+function budgetUse(awarded, budget) {
+  if (budget === null || budget === undefined) return `${points(awarded)} (no cap)`;
+  return h("span", {}, h("meter", { min: 0, max: budget, value: awarded, title: `${awarded} of ${budget}` }),
+    ` ${points(awarded)} of ${points(budget)}`);
+}
+
+export async function campaigns() {
+  const slot = h("div");
+  replace(page(), h("h1", {}, "Campaigns and their budgets"), slot);
+  await fill(slot, "the campaigns", async () => {
+    const listed = [];
+    const next = await eachPage("/v1/campaigns", {}, (answer) => listed.push(...answer.campaigns), { maxPages: 20 });
+    if (!listed.length) return h("p", { class: "muted" }, "No campaigns yet.");
+    return h("div", {}, next !== null ? h("p", { class: "notice" }, `The first ${listed.length} campaigns.`) : null,
+      table([
+        { label: "campaign", cell: (c) => h("span", { class: "mono" }, c.campaign_id) },
+        { label: "name", wrap: true, cell: (c) => text(c.name) },
+        { label: "status", cell: (c) => c.status },
+        { label: "starts", cell: (c) => time(c.starts_at) },
+        { label: "ends", cell: (c) => time(c.ends_at) },
+        { label: "ended", cell: (c) => time(c.ended_at) },
+        { label: "reward", cell: (c) => reward(c.reward) },
+        { label: "points granted", cell: (c) => budgetUse(c.awarded_points, c.budget_points) },
+        { label: "coupons granted", cell: (c) => budgetUse(c.awarded_coupons, c.budget_coupons) },
+        { label: "members rewarded", num: true, cell: (c) => points(c.members_rewarded) },
+        { label: "per member", cell: (c) => c.per_member_limit === null ? "no cap" : `${c.per_member_limit} a ${c.per_member_period}` },
+        { label: "conditions", wrap: true, cell: (c) => h("details", {}, h("summary", {}, "conditions"),
+          h("pre", { class: "mono" }, JSON.stringify(c.conditions, null, 2))) },
+      ], listed, () => ({ "data-row": "campaign" })));
+  });
+}
+
+// -- programme ------------------------------------------------------------------------
+
+export async function programme() {
+  const versions = h("div"), current = h("div");
+  replace(page(), h("h1", {}, "Programme versions"), versions, h("h2", {}, "The version in force now"), current);
+  await Promise.all([
+    fill(versions, "the programme versions", async () => {
+      const answer = await get("/v1/programme/versions");
+      return table([
+        { label: "version", num: true, cell: (v) => points(v.version) },
+        { label: "effective from", cell: (v) => v.effective_from === null ? "the beginning" : v.effective_from },
+        { label: "recorded at", cell: (v) => time(v.recorded_at) },
+        { label: "actor", cell: (v) => text(v.actor) },
+      ], answer.versions, () => ({ "data-row": "programme-version" }));
+    }),
+    fill(current, "the programme in force", async () => {
+      const answer = await get("/v1/programme");
+      return h("section", { class: "card" },
+        h("p", {}, `Version ${answer.version}, effective from ${answer.effective_from ?? "the beginning"}.`),
+        h("details", {}, h("summary", {}, "settings"), h("pre", { class: "mono" }, JSON.stringify(answer.settings, null, 2))));
+    }),
+  ]);
+}
+
+// -- projections ----------------------------------------------------------------------
+
+export async function projections() {
+  const slot = h("div"), stamp = h("p", { class: "muted" });
+  replace(page(), h("h1", {}, "Projections and publication"), stamp, slot);
+  const refresh = async () => {
+    await fill(slot, "the projections", async () => {
+      const answer = await get("/v1/projections");
+      return table([
+        { label: "name", cell: (p) => p.name },
+        { label: "state", cell: (p) => h("span", { class: p.state === "live" ? "ok" : "bad" }, p.state) },
+        { label: "position", num: true, cell: (p) => points(p.position) },
+        { label: "head", num: true, cell: (p) => points(p.head) },
+        { label: "lag (events)", num: true, cell: (p) => points(p.lag_events) },
+        { label: "lag (seconds)", num: true, cell: (p) => text(p.lag_seconds) },
+      ], answer.projections, () => ({ "data-row": "projection" }));
+    });
+    stamp.textContent = `Read at ${new Date().toISOString()}; read again every ${LAG_REFRESH_MS / 1000} s.`;
+    window.setTimeout(refresh, LAG_REFRESH_MS);
+  };
+  await refresh();
+}
+
+// -- verification ---------------------------------------------------------------------
+
+export async function verify() {
+  const slot = h("div");
+  const start = h("button", { type: "button" }, "Verify the hash chain");
+  replace(page(), h("h1", {}, "Chain verification"),
+    h("p", { class: "muted" }, "Recomputes every event's SHA-256 from position 1 to the head as it is when it starts; " +
+      "the first changed, removed or reordered event is named by its position."),
+    h("p", {}, start), slot);
+  start.addEventListener("click", async () => {
+    start.disabled = true;
+    const bar = h("progress", { class: "wide" });
+    const said = h("p", { class: "muted" }, "Verifying…");
+    const began = Date.now();
+    await fill(slot, "the verification", async () => {
+      replace(slot, bar, said);
+      const report = await get("/v1/audit/verify", {}, {
+        accept: "application/x-ndjson, application/json",
+        onLine: (line) => {
+          if (line.ok !== undefined) return;
+          bar.max = Math.max(line.head_position, 1);
+          bar.value = line.checked;
+          said.textContent = `${line.checked} of ${line.head_position} events checked…`;
+        },
+      });
+      return verdict(report, Date.now() - began);
+    });
+    start.disabled = false;
+  });
+}
+
+function verdict(report, elapsedMs) {
+  return h("section", { class: "card", "data-verdict": report.ok ? "ok" : "bad" },
+    report.ok
+      ? h("p", { class: "ok" }, "The chain verifies: no event was changed, removed or reordered.")
+      : h("p", { class: "bad" }, `The chain is broken at position ${report.first_bad_position}.`),
+    figures([
+      ["checked", points(report.checked), "checked"],
+      ["head position", points(report.head_position), "head_position"],
+      ["first bad position", text(report.first_bad_position), "first_bad_position"],
+      ["took", `${(elapsedMs / 1000).toFixed(1)} s`, "elapsed"],
+    ]),
+    h("p", { class: "mono wrap" }, `head hash ${report.head_hash}`));
+}
