@@ -71,7 +71,7 @@ function drawLiability(element, months) {
       labels: months.map((m) => m.month),
       datasets: [
         { type: "line", label: "outstanding", data: months.map((m) => m.outstanding), borderColor: "#1d2433",
-          backgroundColor: "#1d2433", tension: 0.2, order: 1 },
+          backgroundColor: "#1d2433", order: 1 },
         bars("issued", "earned", "#1f5fbf"),
         bars("redeemed", "redeemed", "#2f9e6b"),
         bars("expired", "expired", "#d98c1f"),

@@ -1,0 +1,382 @@
+"""The console (CONTRACT §8) in a real browser, against the real service.
+
+Headless Chromium, Debian's package (`make test` installs it when missing and
+it runs as root; Playwright's own browser downloads cannot reach closed
+networks), driven by Python Playwright. One service process
+(tests/service_process.py) and one browser serve the whole module; each test
+opens a fresh browser context, in which every request is intercepted and its
+host recorded. The figures the page shows are compared with the API's own
+answers, read here with the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from ledger.database import run_blocking
+from tests.service_process import ROOT, Client, ServiceProcess
+from tests.service_process import wait_for_projections as projections_caught_up
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = ROOT / "docs" / "console"
+LAPTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+WAIT_MS = 15_000
+MANY_LINES = 520  # more than one page of the console's ledger reads (500 a page)
+
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # pragma: no cover - the test extras install it
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None, reason="the browser tests need the Python package playwright "
+                       "(pip install -e '.[test]')"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"the browser tests need Debian's chromium at {CHROMIUM}: "
+                       "`make test` installs it when run as root with apt-get; elsewhere `apt-get install chromium`"),
+]
+
+
+# -- the API, read directly (the figures the page must show) -------------------------------
+
+
+def call(service: ServiceProcess, key: str, method: str, path: str, body: bytes | None = None,
+         content_type: str = "application/json", **query) -> tuple[int, object]:
+    url = f"{service.url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as refused:
+        status, raw = refused.code, refused.read()
+    text = raw.decode()
+    if content_type == "application/x-ndjson":
+        return status, [json.loads(line) for line in text.splitlines() if line]
+    return status, json.loads(text)
+
+
+def read(service: ServiceProcess, key: str, path: str, **query) -> dict:
+    status, body = call(service, key, "GET", path, **query)
+    assert status == 200, (path, body)
+    return body
+
+
+def write(service: ServiceProcess, key: str, path: str, body: dict, **query) -> dict:
+    status, answer = call(service, key, "POST", path, json.dumps(body).encode(), **query)
+    assert status in (200, 201), (path, answer)
+    return answer
+
+
+def every_line(service: ServiceProcess, key: str, member_id: str) -> list[dict]:
+    lines, after = [], None
+    while True:
+        page = read(service, key, f"/v1/members/{member_id}/ledger", limit=1000, **({"after": after} if after else {}))
+        lines += page["lines"]
+        after = page["next_after"]
+        if after is None:
+            return lines
+
+
+def stamp(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(module_database_url, tmp_path_factory):
+    """The real service, on a programme that lets the seed go 420 days back."""
+    programme = tmp_path_factory.mktemp("console") / "programme.toml"
+    programme.write_text("max_backdate_days = 1000\n")
+    process = ServiceProcess(module_database_url, env={"LOYALTY_PROGRAMME": str(programme)})
+    run_blocking(process.start)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def seeded(service):
+    """Keys of each role, a member with a year of history, one with more ledger lines than a page."""
+    admin = service.admin_key
+    keys = {role: write(service, admin, "/v1/api-keys", {"name": f"console-{role}", "role": role})["key"]
+            for role in ("reader", "auditor", "checkout")}
+    now = datetime.now(timezone.utc)
+    ago = lambda days: stamp(now - timedelta(days=days))  # noqa: E731
+    member = "m-ada"
+    write(service, admin, "/v1/members", {"member_id": member, "enrolled_at": ago(420), "identities": [
+        {"type": "phone", "value": "+8613800000001"}, {"type": "card", "value": "C-1001"}]})
+    base = f"/v1/members/{member}"
+    write(service, admin, f"{base}/coupons/welcome-1/redemption",
+          {"order_ref": "o-1", "order_amount_cents": 150_00, "occurred_at": ago(410)})
+    for purchase_id, amount_cents, days in (("p0", 880_00, 400), ("p1", 1258_00, 100), ("p2", 2516_00, 70),
+                                            ("p3", 399_00, 40), ("p4", 1999_00, 10)):
+        write(service, admin, f"{base}/purchases", {"purchase_id": purchase_id, "store_id": "s-001",
+                                                    "amount_cents": amount_cents, "occurred_at": ago(days)})
+    write(service, admin, f"{base}/returns",
+          {"return_id": "r1", "purchase_id": "p1", "amount_cents": 500_00, "occurred_at": ago(60)})
+    write(service, admin, f"{base}/redemptions", {"redemption_id": "x1", "points": 100, "order_ref": "o-9",
+                                                  "occurred_at": ago(30)})
+    write(service, admin, f"{base}/adjustments", {"adjustment_id": "a1", "points": 50, "reason": "goodwill",
+                                                  "note": "late delivery", "occurred_at": ago(20)})
+    write(service, admin, "/v1/jobs/expire", {})  # p0's points expired 35 days ago: the trail says so
+    many = "m-many"
+    batch = [{"op": "enrol", "member_id": many, "body": {"member_id": many, "identities": []}}] + [
+        {"op": "purchase", "member_id": many, "body": {"purchase_id": f"q{n}", "store_id": "s-002",
+                                                        "amount_cents": 10_00}} for n in range(MANY_LINES)]
+    status, results = call(service, admin, "POST", "/v1/batch", "\n".join(json.dumps(l) for l in batch).encode(),
+                           content_type="application/x-ndjson")
+    assert status == 200 and all(r["status"] == 201 for r in results), results[:3]
+    wait_for_projections(service, admin)
+    return {"keys": keys, "admin": admin, "member": member, "many": many, "as_of": ago(50)}
+
+
+def wait_for_projections(service: ServiceProcess, key: str) -> None:
+    async def wait() -> None:
+        async with aiohttp.ClientSession() as session:
+            await projections_caught_up(Client(session, service.url, key))
+
+    run_blocking(wait)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield launched
+        launched.close()
+
+
+class Recorded:
+    """Every request the page made; any to another host is refused and remembered."""
+
+    def __init__(self, service: ServiceProcess) -> None:
+        self.allowed = urllib.parse.urlsplit(service.url).netloc
+        self.urls: list[str] = []
+        self.foreign: list[str] = []
+
+    def route(self, route) -> None:
+        url = route.request.url
+        self.urls.append(url)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "data":
+            route.continue_()
+        elif parts.scheme != "http" or parts.netloc != self.allowed:
+            self.foreign.append(url)
+            route.abort()
+        else:
+            route.continue_()
+
+
+@pytest.fixture
+def recorded(service):
+    return Recorded(service)
+
+
+@pytest.fixture
+def context(browser, recorded):
+    context = browser.new_context(viewport=LAPTOP)
+    context.route("**/*", recorded.route)
+    context.set_default_timeout(WAIT_MS)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(context) -> "Page":
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    assert errors == [], errors  # no script error on any page
+
+
+def sign_in(page: "Page", service: ServiceProcess, key: str, path: str = "/console") -> None:
+    page.goto(service.url + path)
+    page.fill("input[name=key]", key)
+    page.click("form button[type=submit]")
+    page.wait_for_selector("#who:not([hidden])")
+
+
+def shown(page: "Page", field: str) -> str:
+    return page.locator(f"[data-field='{field}']").first.inner_text().strip()
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+def test_signing_in_shows_the_keys_role_and_what_it_may_read(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"])
+    assert shown(page, "role") == "reader"
+    readable = page.locator("[data-read=yes]").all_inner_texts()
+    refused = page.locator("[data-read=no]").all_inner_texts()
+    assert any("/v1/programme/liability" in r for r in readable)
+    assert any("/v1/audit/verify" in r for r in refused), "a reader may not verify the chain"
+
+
+def test_a_wrong_key_shows_the_refusal_and_is_not_kept(page, service, seeded):
+    page.goto(service.url + "/console")
+    page.fill("input[name=key]", "lk_not_a_key_of_this_service")
+    page.click("form button[type=submit]")
+    refusal = page.locator(".refusal[data-status='401']")
+    refusal.wait_for()
+    assert "401" in refusal.inner_text()
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.locator("input[name=key]").is_visible(), "the form stays for another try"
+
+
+def test_a_members_figures_equal_the_apis_now_and_as_of(page, service, seeded):
+    member, key = seeded["member"], seeded["keys"]["reader"]
+    sign_in(page, service, key, f"/console/members/{member}")
+    seen = {}
+    for as_of in (None, seeded["as_of"]):
+        if as_of:
+            page.goto(f"{service.url}/console/members/{member}?as_of={urllib.parse.quote(as_of)}")
+        page.locator("[data-field=available]").wait_for()
+        query = {"as_of": as_of} if as_of else {}
+        balance = read(service, key, f"/v1/members/{member}/balance", **query)
+        tier = read(service, key, f"/v1/members/{member}/tier", **query)
+        seen[as_of] = {field: shown(page, field) for field in ("available", "pending", "debt", "tier", "growth_window")}
+        assert seen[as_of] == {"available": str(balance["available"]), "pending": str(balance["pending"]),
+                               "debt": str(balance["debt"]), "tier": tier["tier"],
+                               "growth_window": str(tier["growth_window"])}, as_of
+    assert seen[None] != seen[seeded["as_of"]], "the seed's past differs from its present"
+
+
+def test_the_ledger_shows_one_row_per_line_with_the_event_behind_it(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}")
+    lines = every_line(service, seeded["admin"], seeded["member"])
+    rows = page.locator("[data-row=ledger]")
+    rows.first.wait_for()
+    assert rows.count() == len(lines)
+    assert {line["kind"] for line in lines} >= {"earn", "clawback", "redeem", "adjust", "expire"}
+    for row, line in zip(rows.all(), lines):
+        cells = row.locator("td").all_inner_texts()
+        assert [cells[0], cells[3], cells[4]] == [str(line["line"]), str(line["points"]), str(line["running_balance"])]
+        assert row.locator("a").get_attribute("href") == f"#event-{line['position']}"
+    page.locator(f"#event-{lines[0]['position']}").wait_for()  # the event behind the first line, with its hash
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "member.png", full_page=True, clip={"x": 0, "y": 0, "width": LAPTOP["width"],
+                                                                            "height": 1900})
+
+
+def test_the_whole_trail_is_read_page_after_page(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"], f"/console/members/{seeded['many']}")
+    page.locator("[data-row=ledger]").first.wait_for()
+    assert page.locator("[data-row=ledger]").count() == len(every_line(service, seeded["admin"], seeded["many"]))
+    assert page.locator("[data-row=ledger]").count() == MANY_LINES
+    # A reader may not read the raw events: the page says so and shows the rest.
+    assert page.locator(".refusal[data-status='403']").count() == 1
+
+
+def test_a_member_is_found_by_an_identity(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"])
+    page.select_option("select[name=by]", "card")
+    page.fill("input[name=value]", "C-1001")
+    page.click("form[role=search] button[type=submit]")
+    page.wait_for_url(f"**/console/members/{seeded['member']}")
+    page.locator("[data-field=available]").wait_for()
+    page.goto(service.url + "/console")
+    page.fill("input[name=value]", "nobody-here")
+    page.click("form[role=search] button[type=submit]")
+    page.locator(".refusal[data-status='404']").wait_for()
+
+
+def test_the_liability_chart_renders_the_apis_months(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"], "/console/liability")
+    chart = page.locator("[data-chart=liability][data-rendered]")
+    chart.wait_for()
+    answer = read(service, seeded["keys"]["reader"], "/v1/programme/liability")
+    assert chart.get_attribute("data-rendered") == str(len(answer["by_month"])) and len(answer["by_month"]) >= 4
+    painted = page.evaluate("""() => {
+        const canvas = document.querySelector('[data-chart=liability] canvas');
+        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let painted = 0;
+        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
+        return {painted, width: canvas.width, height: canvas.height};
+    }""")
+    assert painted["width"] > 0 and painted["painted"] > 1000, painted
+    assert shown(page, "outstanding") == str(answer["outstanding"])
+    cells = [row.locator("td").all_inner_texts() for row in page.locator("[data-row=month]").all()]
+    assert [(c[0], c[1], c[4], c[5], c[6]) for c in cells] == [
+        (m["month"], str(m["earned"]), str(m["redeemed"]), str(m["expired"]), str(m["outstanding"]))
+        for m in answer["by_month"]]
+    page.screenshot(path=SCREENSHOTS / "liability.png", full_page=True)
+
+
+def test_operations_pages_show_the_apis_answers_or_its_refusal(page, service, seeded):
+    key = seeded["keys"]["auditor"]
+    sign_in(page, service, key, "/console/projections")
+    projections = read(service, key, "/v1/projections")["projections"]
+    page.locator("[data-row=projection]").first.wait_for()
+    assert page.locator("[data-row=projection]").count() == len(projections)
+    # Campaigns and programme versions (§6): rows when the server offers them, else its 404, said plainly.
+    for path, api, row in (("/console/campaigns", "/v1/campaigns", "campaign"),
+                           ("/console/programme", "/v1/programme/versions", "programme-version")):
+        page.goto(service.url + path)
+        status, _ = call(service, key, "GET", api)
+        page.locator(f"[data-row={row}], .refusal, p.muted:has-text('No ')").first.wait_for()
+        if status == 404:
+            assert "does not offer" in page.locator(".refusal[data-status='404']").first.inner_text()
+        else:
+            assert status == 200 and page.locator(".refusal").count() == 0
+    page.goto(service.url + "/console/verify")
+    page.click("text=Verify the hash chain")
+    verdict = page.locator("[data-verdict]")
+    verdict.wait_for()
+    report = read(service, key, "/v1/audit/verify")
+    assert verdict.get_attribute("data-verdict") == "ok" and report["ok"]
+    assert int(shown(page, "checked")) <= report["checked"]
+
+
+def test_no_request_leaves_127_0_0_1_and_the_key_stays_in_session_storage(page, context, recorded, service, seeded):
+    key = seeded["keys"]["auditor"]
+    sign_in(page, service, key, f"/console/members/{seeded['member']}")
+    page.locator("[data-row=event]").first.wait_for()
+    for path in ("/console/liability", "/console/campaigns", "/console/programme", "/console/projections",
+                 "/console/verify", f"/console/members/{seeded['member']}?as_of={seeded['as_of']}"):
+        page.goto(service.url + path)
+        page.locator("body[data-ready]").wait_for()
+    assert recorded.foreign == []
+    assert any("/v1/members/" in url for url in recorded.urls) and any("/console/assets/" in url for url in recorded.urls)
+    assert all(key not in url for url in recorded.urls), "the key travels in the Authorization header only"
+    assert page.evaluate("sessionStorage.getItem('loyalty-console-key')") == key
+    assert page.evaluate("localStorage.length") == 0
+    assert page.evaluate("document.cookie") == "" and context.cookies() == []
+
+
+def test_the_member_page_reads_on_a_phone(browser, recorded, service, seeded):
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
+    context.route("**/*", recorded.route)
+    try:
+        page = context.new_page()
+        sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}")
+        page.locator("[data-row=ledger]").first.wait_for()
+        # Wide tables scroll inside their own box; the page itself never scrolls sideways.
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.screenshot(path=SCREENSHOTS / "member-phone.png")
+    finally:
+        context.close()
+    assert recorded.foreign == []
+
+
+def test_the_console_is_served_without_a_key_and_loads_nothing_from_elsewhere(service):
+    with urllib.request.urlopen(f"{service.url}/console/members/m-ada") as response:
+        shell = response.read().decode()
+        headers = response.headers
+    assert "text/html" in headers["Content-Type"]
+    assert "connect-src 'self'" in headers["Content-Security-Policy"]
+    assert "http://" not in shell.replace(service.url, "") and "https://" not in shell
+    assert os.path.getsize(ROOT / "api" / "console" / "static" / "vendor" / "chart.umd.min.js") > 100_000
