@@ -11,8 +11,11 @@ answers, read here with the same keys.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +26,7 @@ import aiohttp
 import pytest
 
 from ledger.database import run_blocking
-from tests.service_process import ROOT, Client, ServiceProcess
+from tests.service_process import ROOT, Client, FaultyProxy, ServiceProcess
 from tests.service_process import wait_for_projections as projections_caught_up
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -96,12 +99,44 @@ def stamp(moment: datetime) -> str:
 # -- fixtures ---------------------------------------------------------------------------
 
 
+class DatabaseSwitch:
+    """A FaultyProxy in front of the module's database, run on a loop of its own thread (the tests are
+    synchronous, as Playwright's sync API needs), so that a test can take the database down."""
+
+    def __init__(self, database_url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = self._run(FaultyProxy(database_url).start())
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def down(self) -> None:
+        self._run(self.proxy.refuse())
+
+    def up(self) -> None:
+        self._run(self.proxy.heal())
+
+    def close(self) -> None:
+        self._run(self.proxy.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
 @pytest.fixture(scope="module")
-def service(module_database_url, tmp_path_factory):
-    """The real service, on a programme that lets the seed go 420 days back."""
+def database(module_database_url):
+    switch = DatabaseSwitch(module_database_url)
+    yield switch
+    switch.close()
+
+
+@pytest.fixture(scope="module")
+def service(database, tmp_path_factory):
+    """The real service, through the switch, on a programme that lets the seed go 420 days back."""
     programme = tmp_path_factory.mktemp("console") / "programme.toml"
     programme.write_text("max_backdate_days = 1000\n")
-    process = ServiceProcess(module_database_url, env={"LOYALTY_PROGRAMME": str(programme)})
+    process = ServiceProcess(database.proxy.proxied_url, env={"LOYALTY_PROGRAMME": str(programme)})
     run_blocking(process.start)
     yield process
     process.close()
@@ -339,6 +374,26 @@ def test_operations_pages_show_the_apis_answers_or_its_refusal(page, service, se
     report = read(service, key, "/v1/audit/verify")
     assert verdict.get_attribute("data-verdict") == "ok" and report["ok"]
     assert int(shown(page, "checked")) <= report["checked"]
+
+
+def test_a_database_outage_is_told_as_503_with_when_to_retry(page, service, database, seeded):
+    key = seeded["keys"]["reader"]
+    sign_in(page, service, key, "/console/liability")
+    page.locator("[data-chart=liability][data-rendered]").wait_for()
+    database.down()
+    try:
+        page.reload()
+        refusal = page.locator(".refusal[data-status='503']").first
+        refusal.wait_for()
+        assert "503" in refusal.inner_text() and "Retry after" in refusal.inner_text()
+    finally:
+        database.up()
+    deadline = time.monotonic() + 30
+    while call(service, key, "GET", "/v1/programme/liability")[0] != 200:  # the service recovers by itself
+        assert time.monotonic() < deadline, "the service did not recover from the outage"
+        time.sleep(0.1)
+    page.reload()
+    page.locator("[data-chart=liability][data-rendered]").wait_for()
 
 
 def test_no_request_leaves_127_0_0_1_and_the_key_stays_in_session_storage(page, context, recorded, service, seeded):
