@@ -3,7 +3,7 @@
 import { eachPage, get } from "./api.js";
 import { figures, h, page, replace, table, tableRow } from "./dom.js";
 import { points, text, time, yuan } from "./format.js";
-import { fill, refusalBox } from "./shell.js";
+import { asOfForm, fill, refusalBox } from "./shell.js";
 
 const MAX_PAGES_AT_ONCE = 40; // 20,000 lines, then a button loads further ones
 
@@ -14,7 +14,7 @@ export async function member(memberId) {
   const header = h("div");
   replace(page(),
     header,
-    asOfForm(memberId, asOf),
+    asOfForm(`/console/members/${encodeURIComponent(memberId)}`, asOf),
     h("h2", {}, asOf ? `Balance and tier as of ${asOf}` : "Balance and tier now"), slots.figures,
     h("h2", {}, "Ledger trail"), slots.ledger,
     h("h2", {}, "Coupons (their state now)"), slots.coupons,
@@ -47,14 +47,6 @@ function heading(profile) {
         ? ` · last purchase ${text(profile.recency_days)} days ago, ${points(profile.orders_365d)} orders and ` +
           `${yuan(profile.spend_365d_cents)} in 365 days`
         : ""));
-}
-
-function asOfForm(memberId, asOf) {
-  const input = h("input", { name: "as_of", id: "as_of", value: asOf, class: "grow", placeholder: "2025-01-03T10:00:00Z" });
-  return h("form", { class: "card", method: "get", action: `/console/members/${encodeURIComponent(memberId)}` },
-    h("label", { for: "as_of" }, "As of (RFC 3339; empty for now)"),
-    h("div", { class: "row" }, h("div", { class: "grow" }, input), h("button", { type: "submit" }, "Show"),
-      asOf ? h("a", { href: `/console/members/${encodeURIComponent(memberId)}` }, "now") : null));
 }
 
 // Now: the profile's own balance and tier; as of a date: the balance and tier reads at that date.

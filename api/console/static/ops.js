@@ -3,17 +3,9 @@
 import { eachPage, get } from "./api.js";
 import { figures, h, page, replace, table } from "./dom.js";
 import { points, text, time } from "./format.js";
-import { fill } from "./shell.js";
+import { asOfForm, fill } from "./shell.js";
 
 const LAG_REFRESH_MS = 5000;
-
-function asOfForm(path, asOf) {
-  const input = h("input", { name: "as_of", id: "as_of", value: asOf, class: "grow", placeholder: "2025-01-31T16:00:00Z" });
-  return h("form", { class: "card", method: "get", action: path },
-    h("label", { for: "as_of" }, "As of (RFC 3339; empty for now)"),
-    h("div", { class: "row" }, h("div", { class: "grow" }, input), h("button", { type: "submit" }, "Show"),
-      asOf ? h("a", { href: path }, "now") : null));
-}
 
 // -- liability ------------------------------------------------------------------------
 

@@ -63,3 +63,12 @@ export function signInForm(then) {
   });
   return form;
 }
+
+// A date to read the page as of (RFC 3339), sent as ?as_of= to the page itself.
+export function asOfForm(path, asOf) {
+  const input = h("input", { name: "as_of", id: "as_of", value: asOf, class: "grow", placeholder: "2025-01-31T16:00:00Z" });
+  return h("form", { class: "card", method: "get", action: path },
+    h("label", { for: "as_of" }, "As of (RFC 3339; empty for now)"),
+    h("div", { class: "row" }, h("div", { class: "grow" }, input), h("button", { type: "submit" }, "Show"),
+      asOf ? h("a", { href: path }, "now") : null));
+}
