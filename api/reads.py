@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 
@@ -10,12 +11,14 @@ from aiohttp import web
 from api.auth import AUDITOR, CHECKOUT, MEMBER_READER, READER
 from api.context import LEDGER
 from api.decoding import page, path_id, query_int, query_time
-from api.problems import HttpProblem, json_response
+from api.problems import NDJSON, HttpProblem, json_response, unexpected_failure
 from api.route import Route
+from events.codec import encode_json
 from ledger.answers import coupon_view, member_view
 from ledger.commands import IDENTITY_TYPES
+from ledger.errors import problem
 from ledger.state import COUPON_STATUSES
-from ledger.store import MAX_WAIT_MS
+from ledger.store import MAX_WAIT_MS, EventStore
 from ledger.views import balance, rfm, tier_view
 
 
@@ -99,7 +102,46 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 
 async def audit_verify(request: web.Request) -> web.StreamResponse:
-    return json_response(await request.app[LEDGER].store.verify())
+    store = request.app[LEDGER].store
+    if NDJSON in request.headers.get("Accept", ""):
+        return await verify_with_progress(request, store)
+    return json_response(await store.verify())
+
+
+VERIFY_PROGRESS_EVERY_S = 0.5
+
+
+async def verify_with_progress(request: web.Request, store: EventStore) -> web.StreamResponse:
+    """The verification as NDJSON: ``{checked, head_position}`` every VERIFY_PROGRESS_EVERY_S while it
+    runs (the console's progress bar), then the report. A failure before the first line is an ordinary
+    problem answer; after it, the status is sent, so the problem is the last line."""
+    head_position, _ = await store.head()
+    checked = 0
+
+    def count(events: int) -> None:
+        nonlocal checked
+        checked += events
+
+    verifying = asyncio.ensure_future(store.verify(count))
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    try:
+        while not (await asyncio.wait({verifying}, timeout=VERIFY_PROGRESS_EVERY_S))[0]:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(encode_json({"checked": checked, "head_position": head_position}) + b"\n")
+        last = encode_json(verifying.result())
+    except Exception as failure:
+        if not response.prepared:
+            raise
+        answer = unexpected_failure(failure, "GET /v1/audit/verify", reading=True)
+        last = encode_json(problem(answer.status, answer.code, answer.detail))
+    finally:
+        verifying.cancel()  # the client went away: stop reading the log (a no-op once it is done)
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write(last + b"\n")
+    await response.write_eof()
+    return response
 
 
 _IDENTITY_PATH = {
@@ -117,5 +159,6 @@ ROUTES = [
     Route("GET", "/v1/identities/{type}/{value}", get_identity, CHECKOUT | READER, "Find a member by identity",
           parameter_schemas=_IDENTITY_PATH),
     Route("GET", "/v1/events", get_events, AUDITOR, "The global feed", query=("after", "limit", "type", "wait_ms")),
-    Route("GET", "/v1/audit/verify", audit_verify, AUDITOR, "Verify the hash chain"),
+    Route("GET", "/v1/audit/verify", audit_verify, AUDITOR,
+          "Verify the hash chain (with Accept: application/x-ndjson, progress lines, then the report)"),
 ]

@@ -7,7 +7,7 @@ these, so nothing else needs to know about it.
 
 from __future__ import annotations
 
-from api import activities, admin, batch, commands, health, projected, reads
+from api import activities, admin, batch, commands, console, health, projected, reads
 from api.route import Route
 
 ROUTES: list[Route] = [
@@ -18,4 +18,5 @@ ROUTES: list[Route] = [
     *projected.ROUTES,
     *admin.ROUTES,
     *health.ROUTES,
+    *console.ROUTES,
 ]

@@ -19,9 +19,9 @@ TOP_MODULES = ("service",)
 def module_files() -> dict[str, Path]:
     files = {name: ROOT / f"{name}.py" for name in TOP_MODULES}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            files[name] = path
+        for path in sorted((ROOT / package).rglob("*.py")):  # sub-packages too (api/console/)
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return files
 
 

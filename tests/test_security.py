@@ -76,9 +76,14 @@ ROLE_TABLE = {
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
     ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/v1/api-keys/me"): READ_ONE,  # every role: the console asks which role its key has
+    ("GET", "/console"): PUBLIC,  # the console's page and files: no figure, the page calls the API with a key
+    ("GET", "/console/{page}"): PUBLIC,
+    ("GET", "/console/members/{member_id}"): PUBLIC,
+    ("GET", "/console/assets/{name}"): PUBLIC,
 }
 PATH_VALUES = {"member_id": "m1", "redemption_id": "r1", "coupon_id": "c1", "type": "phone", "value": "138",
-               "lifecycle": "active", "name": "members"}
+               "lifecycle": "active", "name": "members", "page": "liability"}
 
 
 def application_routes() -> set[tuple[str, str]]:
@@ -89,6 +94,8 @@ def application_routes() -> set[tuple[str, str]]:
 def concrete(path: str, method: str) -> str:
     if path == "/v1/jobs/{name}":
         return "/v1/jobs/expire"
+    if path == "/console/assets/{name}":
+        return "/console/assets/app.js"
     return re.sub(r"{(\w+)}", lambda m: PATH_VALUES[m.group(1)], path)
 
 

@@ -15,9 +15,12 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
+import msgspec
 from aiohttp import web
 
-from service import PRINCIPAL, ROLES, HttpProblem, allow, json_response
+from api.auth import PRINCIPAL, ROLES
+from api.problems import HttpProblem, json_response
+from api.route import Route
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -45,19 +48,16 @@ class Asset:
 
 
 def _load_assets() -> dict[str, Asset]:
-    """Every file under static/ by its path there; nothing else can be asked for."""
+    """Every file under static/ (and static/vendor/) by its name; nothing else can be asked for."""
+    static = resources.files(__name__) / "static"
     assets: dict[str, Asset] = {}
-    pending = [(resources.files(__name__) / "static", "")]
-    while pending:
-        folder, prefix = pending.pop()
+    for folder in (static, static / "vendor"):
         for entry in folder.iterdir():
-            name = f"{prefix}{entry.name}"
-            if entry.is_dir():
-                pending.append((entry, f"{name}/"))
-            elif "." + name.rsplit(".", 1)[-1] in _CONTENT_TYPES:
+            suffix = "." + entry.name.rsplit(".", 1)[-1]
+            if entry.is_file() and suffix in _CONTENT_TYPES:
+                assert entry.name not in assets, f"two console files named {entry.name}"
                 body = entry.read_bytes()
-                etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-                assets[name] = Asset(body, _CONTENT_TYPES["." + name.rsplit(".", 1)[-1]], etag)
+                assets[entry.name] = Asset(body, _CONTENT_TYPES[suffix], '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
     assert SHELL in assets, "the console's shell is missing from the package"
     return assets
 
@@ -84,17 +84,26 @@ async def console_asset(request: web.Request) -> web.StreamResponse:
     return _send(request, asset)
 
 
-@allow(frozenset(ROLES))
+class CurrentKey(msgspec.Struct):
+    key_id: str
+    name: str
+    role: str
+
+
 async def current_key(request: web.Request) -> web.StreamResponse:
-    """Which key this is and its role: the console shows what the role may read."""
+    """Which key this is and its role: the console shows what the role may read (/openapi.json's x-roles)."""
     principal = request[PRINCIPAL]
-    return json_response({"key_id": principal.key_id, "name": principal.name, "role": principal.role})
+    return json_response(CurrentKey(principal.key_id, principal.name, principal.role))
 
 
-# Assets before the catch-all page route: the router tries routes in this order.
+# The pages are the shell; the page reads its own path (members/{id}, liability, campaigns, …).
+_PAGE = {"answer_media": None, "errors": ()}
 ROUTES = [
-    ("GET", "/v1/api-keys/me", current_key),
-    ("GET", "/console/assets/{name:.+}", console_asset),
-    ("GET", "/console", console_page),
-    ("GET", "/console/{page:.*}", console_page),
+    Route("GET", "/v1/api-keys/me", current_key, frozenset(ROLES), "The calling key's id, name and role",
+          answer=CurrentKey, errors=(401, 429, 503)),
+    Route("GET", "/console", console_page, None, "The console (a web page; CONTRACT §8)", **_PAGE),
+    Route("GET", "/console/{page}", console_page, None, "A page of the console", **_PAGE),
+    Route("GET", "/console/members/{member_id}", console_page, None, "A member's page in the console", **_PAGE),
+    Route("GET", "/console/assets/{name}", console_asset, None, "A file of the console (script, style, chart library)",
+          answer_media=None, errors=(404,)),
 ]

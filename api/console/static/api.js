@@ -64,6 +64,8 @@ async function readLines(response, onLine) {
     buffered = done ? "" : lines.pop();
     for (const line of lines.filter((l) => l.trim())) {
       last = JSON.parse(line);
+      // A failure after the answer began streaming comes as its last line, a problem (CONTRACT §4).
+      if (last.status && last.code) throw new Refusal(last.status, last, null);
       onLine(last);
     }
     if (done) return last;
