@@ -96,8 +96,10 @@ async def current_key(request: web.Request) -> web.StreamResponse:
     return json_response(CurrentKey(principal.key_id, principal.name, principal.role))
 
 
-# The pages are the shell; the page reads its own path (members/{id}, liability, campaigns, …).
-_PAGE = {"answer_media": None, "errors": ()}
+# The pages are the shell, whatever the name or id: the page reads its own path, says when it has no
+# such page, and shows the API's refusal of a member id (422 or 404).
+_ANY_NAME = {"type": "string", "minLength": 1}
+_PAGE = {"answer_media": None, "errors": (), "parameter_schemas": {"page": _ANY_NAME, "member_id": _ANY_NAME}}
 ROUTES = [
     Route("GET", "/v1/api-keys/me", current_key, frozenset(ROLES), "The calling key's id, name and role",
           answer=CurrentKey, errors=(401, 429, 503)),
