@@ -143,12 +143,15 @@ def service(database, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeded(service):
-    """Keys of each role, a member with a year of history, one with more ledger lines than a page."""
+    """Keys of each role, a member with a year of history, one with more ledger lines than a page.
+
+    Dates count back from the start of today (UTC), and the screenshots show the pages as of then,
+    so a run on the same day writes the same images (no churn in docs/ from one run to the next)."""
     admin = service.admin_key
     keys = {role: write(service, admin, "/v1/api-keys", {"name": f"console-{role}", "role": role})["key"]
             for role in ("reader", "auditor", "checkout")}
-    now = datetime.now(timezone.utc)
-    ago = lambda days: stamp(now - timedelta(days=days))  # noqa: E731
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    ago = lambda days: stamp(today - timedelta(days=days))  # noqa: E731
     member = "m-ada"
     write(service, admin, "/v1/members", {"member_id": member, "enrolled_at": ago(420), "identities": [
         {"type": "phone", "value": "+8613800000001"}, {"type": "card", "value": "C-1001"}]})
@@ -167,14 +170,16 @@ def seeded(service):
                                                   "note": "late delivery", "occurred_at": ago(20)})
     write(service, admin, "/v1/jobs/expire", {})  # p0's points expired 35 days ago: the trail says so
     many = "m-many"
-    batch = [{"op": "enrol", "member_id": many, "body": {"member_id": many, "identities": []}}] + [
+    batch = [{"op": "enrol", "member_id": many, "body": {"member_id": many, "identities": [],
+                                                         "enrolled_at": ago(2)}}] + [
         {"op": "purchase", "member_id": many, "body": {"purchase_id": f"q{n}", "store_id": "s-002",
-                                                        "amount_cents": 10_00}} for n in range(MANY_LINES)]
+                                                        "amount_cents": 10_00, "occurred_at": ago(1)}}
+        for n in range(MANY_LINES)]
     status, results = call(service, admin, "POST", "/v1/batch", "\n".join(json.dumps(l) for l in batch).encode(),
                            content_type="application/x-ndjson")
     assert status == 200 and all(r["status"] == 201 for r in results), results[:3]
     wait_for_projections(service, admin)
-    return {"keys": keys, "admin": admin, "member": member, "many": many, "as_of": ago(50)}
+    return {"keys": keys, "admin": admin, "member": member, "many": many, "as_of": ago(50), "today": ago(0)}
 
 
 def wait_for_projections(service: ServiceProcess, key: str) -> None:
@@ -290,7 +295,7 @@ def test_a_members_figures_equal_the_apis_now_and_as_of(page, service, seeded):
 
 
 def test_the_ledger_shows_one_row_per_line_with_the_event_behind_it(page, service, seeded):
-    sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}")
+    sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}?as_of={seeded['today']}")
     lines = every_line(service, seeded["admin"], seeded["member"])
     rows = page.locator("[data-row=ledger]")
     rows.first.wait_for()
@@ -301,9 +306,11 @@ def test_the_ledger_shows_one_row_per_line_with_the_event_behind_it(page, servic
         assert [cells[0], cells[3], cells[4]] == [str(line["line"]), str(line["points"]), str(line["running_balance"])]
         assert row.locator("a").get_attribute("href") == f"#event-{line['position']}"
     page.locator(f"#event-{lines[0]['position']}").wait_for()  # the event behind the first line, with its hash
+    # Down to the raw events: their recorded_at is the run's own time.
+    events_at = page.locator("h2", has_text="Events").bounding_box()["y"]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=SCREENSHOTS / "member.png", full_page=True, clip={"x": 0, "y": 0, "width": LAPTOP["width"],
-                                                                            "height": 1900})
+    page.screenshot(path=SCREENSHOTS / "member.png", full_page=True,
+                    clip={"x": 0, "y": 0, "width": LAPTOP["width"], "height": events_at})
 
 
 def test_the_whole_trail_is_read_page_after_page(page, service, seeded):
@@ -329,10 +336,10 @@ def test_a_member_is_found_by_an_identity(page, service, seeded):
 
 
 def test_the_liability_chart_renders_the_apis_months(page, service, seeded):
-    sign_in(page, service, seeded["keys"]["reader"], "/console/liability")
+    sign_in(page, service, seeded["keys"]["reader"], f"/console/liability?as_of={seeded['today']}")
     chart = page.locator("[data-chart=liability][data-rendered]")
     chart.wait_for()
-    answer = read(service, seeded["keys"]["reader"], "/v1/programme/liability")
+    answer = read(service, seeded["keys"]["reader"], "/v1/programme/liability", as_of=seeded["today"])
     assert chart.get_attribute("data-rendered") == str(len(answer["by_month"])) and len(answer["by_month"]) >= 4
     painted = page.evaluate("""() => {
         const canvas = document.querySelector('[data-chart=liability] canvas');
@@ -416,7 +423,7 @@ def test_the_member_page_reads_on_a_phone(browser, recorded, service, seeded):
     context.route("**/*", recorded.route)
     try:
         page = context.new_page()
-        sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}")
+        sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}?as_of={seeded['today']}")
         page.locator("[data-row=ledger]").first.wait_for()
         # Wide tables scroll inside their own box; the page itself never scrolls sideways.
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
