@@ -7,7 +7,8 @@ import logging
 import msgspec
 from aiohttp import web
 
-from api.auth import ADMIN, KEYS, PRINCIPAL, ROLES
+from api.answers import CreatedKey, JobReport
+from api.auth import ADMIN, KEYS, PRINCIPAL, Role
 from api.context import LEDGER
 from api.decoding import decode, query_time, read_body
 from api.problems import HttpProblem, json_response
@@ -20,15 +21,13 @@ log = logging.getLogger("loyalty.service")
 
 class NewKey(msgspec.Struct, forbid_unknown_fields=True):
     name: cmd.Text
-    role: str
+    role: Role
 
 
 async def create_api_key(request: web.Request) -> web.StreamResponse:
     body = decode(await read_body(request), NewKey)
-    if body.role not in ROLES:
-        raise HttpProblem(422, "validation_failed", f"role is one of {', '.join(ROLES)}", field="role")
     created = await request.app[KEYS].create(body.name, body.role, request[PRINCIPAL].name)
-    return json_response(created, status=201)
+    return json_response(msgspec.convert(created, CreatedKey), status=201)
 
 
 async def run_job_endpoint(request: web.Request) -> web.StreamResponse:
@@ -39,12 +38,13 @@ async def run_job_endpoint(request: web.Request) -> web.StreamResponse:
     as_of = query_time(request, "as_of", ledger.clock())
     log.info("job %s at %s started by %s", name, as_of.isoformat(), request[PRINCIPAL].name)
     report = await run_job(ledger, name, as_of, actor=f"job:{name}:{request[PRINCIPAL].name}")
-    return json_response(report)
+    return json_response(msgspec.convert(report, JobReport))
 
 
 ROUTES = [
     Route("POST", "/v1/api-keys", create_api_key, ADMIN, "Create an API key (shown once)", status=201, body=NewKey,
-          errors=(400, 401, 403, 408, 413, 415, 422, 429, 503)),
+          errors=(400, 401, 403, 408, 413, 415, 422, 429, 503), answer=CreatedKey, operation_id="create_api_key"),
     Route("POST", "/v1/jobs/{name}", run_job_endpoint, ADMIN, "Run a time job at as_of", query=("as_of",),
-          parameter_schemas={"name": {"type": "string", "enum": list(JOBS)}}),
+          parameter_schemas={"name": {"type": "string", "enum": list(JOBS)}}, answer=JobReport,
+          operation_id="run_job"),
 ]

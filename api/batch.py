@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import web
 
 from api.auth import CHECKOUT, PRINCIPAL, Principal
-from api.commands import OPERATIONS_BY_NAME, prepare_command, record_head
+from api.commands import OPERATIONS, OPERATIONS_BY_NAME, prepare_command, record_head
 from api.context import LEDGER
 from api.decoding import BATCH_MAX_BYTES, BATCH_MAX_LINES, check_id, decode, read_body
 from api.problems import NDJSON, HttpProblem, unexpected_failure, validation_problem
@@ -19,11 +19,25 @@ from ledger.application import Request
 from ledger.errors import problem
 
 
+BatchOp = Literal[tuple(op.name for op in OPERATIONS if op.in_batch)]  # type: ignore[misc]
+
+
 class BatchLine(msgspec.Struct, forbid_unknown_fields=True):
-    op: str
-    member_id: str | None = None
-    body: msgspec.Raw = msgspec.Raw(b"{}")
+    """One line of a batch: ``body`` is the body its operation's endpoint takes, path ids included."""
+
+    op: BatchOp
+    member_id: str | None = None  # absent only for enrol (then the body's member_id, or one made)
+    body: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})] = msgspec.field(
+        default_factory=lambda: msgspec.Raw(b"{}"))
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern="^[^\x00]*$")] | None = None
+
+
+class BatchResult(msgspec.Struct):
+    """One line of a batch's answer: the line's number (from 1), and the status and body it would get alone."""
+
+    line: int
+    status: int
+    body: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})]
 
 
 async def batch(request: web.Request) -> web.StreamResponse:
@@ -34,7 +48,7 @@ async def batch(request: web.Request) -> web.StreamResponse:
         raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
     parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
     results = await run_batch_lines(request.app, request[PRINCIPAL], parsed)
-    payload = b"".join(encode_json({"line": n, "status": status, "body": msgspec.Raw(out)}) + b"\n"
+    payload = b"".join(encode_json(BatchResult(n, status, msgspec.Raw(out))) + b"\n"
                        for n, (status, out) in enumerate(results, start=1))
     return web.Response(status=200, body=payload, content_type=NDJSON)
 
@@ -94,9 +108,7 @@ def prepare_batch_line(principal: Principal, parsed: BatchLine | HttpProblem) ->
     """The member and the command a line runs, or the HttpProblem that answers it."""
     if isinstance(parsed, HttpProblem):
         raise parsed
-    operation = OPERATIONS_BY_NAME.get(parsed.op)
-    if operation is None or operation.name == "coupon_void":
-        raise HttpProblem(422, "validation_failed", f"unknown op {parsed.op!r}", field="op")
+    operation = OPERATIONS_BY_NAME[parsed.op]  # BatchOp names only operations a batch may run
     if principal.role not in operation.roles:
         raise HttpProblem(403, "forbidden", f"role {principal.role} may not run {parsed.op}")
     member_id = parsed.member_id
@@ -117,5 +129,6 @@ def prepare_batch_line(principal: Principal, parsed: BatchLine | HttpProblem) ->
 
 ROUTES = [
     Route("POST", "/v1/batch", batch, CHECKOUT, "NDJSON batch of commands; one result line per input line, in order",
-          body_media=NDJSON, answer_media=NDJSON, errors=(401, 403, 408, 413, 415, 429, 503)),
+          body=BatchLine, body_media=NDJSON, answer=BatchResult, answer_media=NDJSON,
+          errors=(401, 403, 408, 413, 415, 429, 503), operation_id="batch"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -13,46 +14,51 @@ from api.decoding import decode, idempotency_key, if_match, path_id, read_body
 from api.middleware import METRICS
 from api.problems import HttpProblem, outcome_response
 from api.route import Route
+from ledger import answers
 from ledger import commands as cmd
 from ledger.application import Outcome, new_id, request_hash
 
 
 @dataclass(frozen=True)
 class Operation:
-    """One command endpoint: its name (also the batch ``op``), body type and path ids."""
+    """One command endpoint: its name (also the batch ``op``), body and answer types, and path ids."""
 
     name: str
     method: str
     path: str
     body: type
+    answer: Any
     roles: frozenset[str]
     path_fields: tuple[str, ...] = ()
     summary: str = ""
+    in_batch: bool = True  # a line of POST /v1/batch may run it
 
 
 OPERATIONS = [
-    Operation("enrol", "POST", "/v1/members", cmd.Enrol, CHECKOUT, summary="Enrol a member"),
-    Operation("purchase", "POST", "/v1/members/{member_id}/purchases", cmd.RecordPurchase, CHECKOUT,
-              summary="Record a purchase and earn points"),
-    Operation("return", "POST", "/v1/members/{member_id}/returns", cmd.RecordReturn, CHECKOUT,
-              summary="Return (part of) a purchase; claws points back"),
-    Operation("redemption", "POST", "/v1/members/{member_id}/redemptions", cmd.Redeem, CHECKOUT,
-              summary="Burn points at checkout"),
+    Operation("enrol", "POST", "/v1/members", cmd.Enrol, answers.EnrolAnswer, CHECKOUT, summary="Enrol a member"),
+    Operation("purchase", "POST", "/v1/members/{member_id}/purchases", cmd.RecordPurchase, answers.PurchaseAnswer,
+              CHECKOUT, summary="Record a purchase and earn points"),
+    Operation("return", "POST", "/v1/members/{member_id}/returns", cmd.RecordReturn, answers.ReturnAnswer,
+              CHECKOUT, summary="Return (part of) a purchase; claws points back"),
+    Operation("redemption", "POST", "/v1/members/{member_id}/redemptions", cmd.Redeem, answers.RedemptionAnswer,
+              CHECKOUT, summary="Burn points at checkout"),
     Operation("redemption_reversal", "POST", "/v1/members/{member_id}/redemptions/{redemption_id}/reversal",
-              cmd.ReverseRedemption, CHECKOUT, ("redemption_id",), "Give back exactly the buckets a redemption took"),
-    Operation("coupon_issue", "POST", "/v1/members/{member_id}/coupons", cmd.IssueCoupon, CHECKOUT,
-              summary="Issue a coupon (admin), or buy one with points_cost (checkout)"),
+              cmd.ReverseRedemption, answers.ReversalAnswer, CHECKOUT, ("redemption_id",),
+              "Give back exactly the buckets a redemption took"),
+    Operation("coupon_issue", "POST", "/v1/members/{member_id}/coupons", cmd.IssueCoupon, answers.CouponAnswer,
+              CHECKOUT, summary="Issue a coupon (admin), or buy one with points_cost (checkout)"),
     Operation("coupon_redemption", "POST", "/v1/members/{member_id}/coupons/{coupon_id}/redemption",
-              cmd.RedeemCoupon, CHECKOUT, ("coupon_id",), "Redeem a coupon on an order"),
+              cmd.RedeemCoupon, answers.CouponAnswer, CHECKOUT, ("coupon_id",), "Redeem a coupon on an order"),
     Operation("coupon_redemption_reversal", "POST",
               "/v1/members/{member_id}/coupons/{coupon_id}/redemption/reversal",
-              cmd.ReverseCouponRedemption, CHECKOUT, ("coupon_id",), "Reverse a coupon redemption"),
-    Operation("coupon_void", "POST", "/v1/members/{member_id}/coupons/{coupon_id}/void", cmd.VoidCoupon, ADMIN,
-              ("coupon_id",), "Void an issued coupon (admin)"),
-    Operation("adjustment", "POST", "/v1/members/{member_id}/adjustments", cmd.Adjust, ADMIN,
-              summary="Adjust points by hand (admin; reason required)"),
-    Operation("activity", "POST", "/v1/members/{member_id}/activities", cmd.RecordActivity, CHECKOUT,
-              summary="Record a growth task (check-in, review, ...): its points and growth"),
+              cmd.ReverseCouponRedemption, answers.CouponAnswer, CHECKOUT, ("coupon_id",),
+              "Reverse a coupon redemption"),
+    Operation("coupon_void", "POST", "/v1/members/{member_id}/coupons/{coupon_id}/void", cmd.VoidCoupon,
+              answers.CouponAnswer, ADMIN, ("coupon_id",), "Void an issued coupon (admin)", in_batch=False),
+    Operation("adjustment", "POST", "/v1/members/{member_id}/adjustments", cmd.Adjust, answers.AdjustmentAnswer,
+              ADMIN, summary="Adjust points by hand (admin; reason required)"),
+    Operation("activity", "POST", "/v1/members/{member_id}/activities", cmd.RecordActivity, answers.ActivityAnswer,
+              CHECKOUT, summary="Record a growth task (check-in, review, ...): its points and growth"),
 ]
 OPERATIONS_BY_NAME = {op.name: op for op in OPERATIONS}
 
@@ -120,7 +126,7 @@ def command_handler(operation: Operation) -> Handler:
 
 
 ROUTES = [
-    Route(op.method, op.path, command_handler(op), op.roles, op.summary, status=201, body=op.body,
+    Route(op.method, op.path, command_handler(op), op.roles, op.summary, status=201, body=op.body, answer=op.answer,
           headers=("Idempotency-Key", "If-Match"), errors=(400, 401, 403, 404, 408, 409, 412, 413, 415, 422, 429, 503),
           operation_id=op.name)
     for op in OPERATIONS

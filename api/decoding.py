@@ -54,6 +54,11 @@ def decode(body: bytes, type_: type, **path_fields: str):
         raise HttpProblem(400, "malformed_json", f"the body is not valid JSON: {error}") from None
     except RecursionError:
         raise HttpProblem(400, "json_too_deep", "the body nests deeper than the decoder allows") from None
+    for name, value in path_fields.items():
+        given = getattr(command, name)
+        if given is not None and given != value:
+            raise HttpProblem(422, "path_mismatch", f"{name} {given!r} in the body is not the path's {value!r}; "
+                              "leave it out of the body", field=name)
     if path_fields:
         command = msgspec.structs.replace(command, **path_fields)
     return command

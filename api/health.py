@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from api.answers import Status
 from api.context import LEDGER, ROUTE_TABLE
 from api.middleware import METRICS, RequestTimeout, bounded
 from api.openapi import build_openapi
@@ -16,7 +17,7 @@ READY_PROBE_S = 2.0
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    return json_response({"status": "ok"})
+    return json_response(Status(status="ok"))
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
@@ -31,7 +32,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         return problem_response(503, "not_ready", f"the database did not answer within {READY_PROBE_S} s", {"Retry-After": "1"})
     except Exception as failure:  # any failure to reach the database means not ready
         return problem_response(503, "not_ready", f"the database is not reachable: {failure}", {"Retry-After": "1"})
-    return json_response({"status": "ready"})
+    return json_response(Status(status="ready"))
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
@@ -44,11 +45,10 @@ async def openapi_endpoint(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES = [
-    Route("GET", path, handler, None, summary, answer_media=None, errors=(503,))
-    for path, handler, summary in (
-        ("/healthz", healthz, "Liveness"),
-        ("/readyz", readyz, "Readiness"),
-        ("/metrics", metrics_endpoint, "Prometheus metrics"),
-        ("/openapi.json", openapi_endpoint, "This document"),
-    )
+    Route("GET", "/healthz", healthz, None, "Liveness", answer=Status, operation_id="healthz", errors=(503,)),
+    Route("GET", "/readyz", readyz, None, "Readiness: the database reachable, the schema applied", answer=Status,
+          operation_id="readyz", errors=(503,)),
+    Route("GET", "/metrics", metrics_endpoint, None, "Prometheus metrics", answer_media="text/plain",
+          operation_id="metrics", errors=(503,)),
+    Route("GET", "/openapi.json", openapi_endpoint, None, "This document", operation_id="openapi", errors=(503,)),
 ]

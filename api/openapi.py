@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import msgspec
 
 from api.decoding import PAGE_LIMIT_MAX, POSITION_MAX
-from api.problems import NDJSON, PROBLEM_JSON
+from api.problems import JSON, NDJSON, PROBLEM_JSON
 from api.route import Route
 from ledger.commands import ID_PATTERN
 from ledger.state import COUPON_STATUSES
@@ -40,7 +40,7 @@ _DESCRIPTIONS = {200: "OK", 201: "Created", 202: "Accepted"}
 
 def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
     routes = list(routes)
-    types = [route.body for route in routes if route.body is not None]
+    types = list(dict.fromkeys(t for route in routes for t in (route.body, route.answer) if t is not None))
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     schema_of = dict(zip(types, schemas))
     components["Problem"] = PROBLEM_SCHEMA
@@ -66,19 +66,31 @@ def _operation(route: Route, schema_of: dict[Any, Any], components: dict[str, An
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:
-        # Required when the body has required fields: an Enrol may be sent without one.
-        required = bool(components.get(route.body.__name__, {}).get("required"))
-        operation["requestBody"] = {"required": required, "content": {route.body_media: {"schema": schema_of[route.body]}}}
-    elif route.body_media == NDJSON:
-        # NDJSON is no JSON value, so its schema constrains nothing; an empty body has no lines.
-        operation["requestBody"] = {"required": False,
-                                    "content": {NDJSON: {"schema": {"description": "one command object per line"}}}}
+        # Required when the body has required fields: an Enrol may be sent without one; an empty batch has no lines.
+        required = route.body_media != NDJSON and bool(components.get(route.body.__name__, {}).get("required"))
+        operation["requestBody"] = {"required": required,
+                                    "content": _content(route.body_media, schema_of[route.body])}
     success: dict[str, Any] = {"description": _DESCRIPTIONS.get(route.status, "OK")}
     if route.answer_media is not None:
-        answer = {"type": "string"} if route.answer_media == NDJSON else {"type": "object"}
-        success["content"] = {route.answer_media: {"schema": answer}}
+        success["content"] = _content(route.answer_media, schema_of.get(route.answer, {"type": "object"}))
     operation["responses"] = {str(route.status): success, **{str(status): _PROBLEM for status in route.errors}}
     return operation
+
+
+def _content(media: str, schema: dict[str, Any]) -> dict[str, Any]:
+    if media == NDJSON:
+        # NDJSON is no JSON value: each line's JSON is x-item-schema (OpenAPI 3.2 calls it
+        # itemSchema). The text itself is any text: a line that breaks the item schema gets
+        # its own problem in the answer, the batch is not refused for it.
+        return {NDJSON: {"schema": {"description": f"one {_name(schema)} as JSON per line"},
+                         "x-item-schema": schema}}
+    if media != JSON:
+        return {media: {"schema": {"type": "string"}}}
+    return {JSON: {"schema": schema}}
+
+
+def _name(schema: dict[str, Any]) -> str:
+    return schema.get("$ref", "value").rsplit("/", 1)[-1]
 
 
 def _parameters(route: Route) -> list[dict[str, Any]]:

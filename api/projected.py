@@ -8,8 +8,10 @@ applied the position a write answered with, else answers 503
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
+from api.answers import LedgerLine, LedgerPage, Liability, Projections, RebuildStarted, Segment, SegmentMember
 from api.auth import ADMIN, READER
 from api.context import PROJECTION_SERVICE
 from api.decoding import PAGE_LIMIT_MAX, POSITION_MAX, check_id, page, path_id, query_int, query_time
@@ -44,17 +46,17 @@ async def get_ledger(request: web.Request) -> web.StreamResponse:
         "SELECT 1 FROM events WHERE stream_id = $1 AND stream_version = 1", member_id
     ):
         raise HttpProblem(404, "member_not_found", f"member {member_id} does not exist; check the id")
-    lines = await points.ledger_page(service.pool, member_id, after_line, limit + 1)
+    lines = msgspec.convert(await points.ledger_page(service.pool, member_id, after_line, limit + 1), list[LedgerLine])
     more = len(lines) > limit
     lines = lines[:limit]
-    return json_response({"lines": lines, "next_after": lines[-1]["line"] if more else None})
+    return json_response(LedgerPage(lines=lines, next_after=lines[-1].line if more else None))
 
 
 async def get_liability(request: web.Request) -> web.StreamResponse:
     service = request.app[PROJECTION_SERVICE]
     at = query_time(request, "as_of", service.clock())
     await caught_up(request, liability.NAME)
-    return json_response(await liability.liability(service.pool, at, service.programme))
+    return json_response(msgspec.convert(await liability.liability(service.pool, at, service.programme), Liability))
 
 
 async def get_segment(request: web.Request) -> web.StreamResponse:
@@ -67,19 +69,17 @@ async def get_segment(request: web.Request) -> web.StreamResponse:
     limit = query_int(request, "limit", 100, 1, PAGE_LIMIT_MAX)
     service = await caught_up(request, members.NAME)
     now = service.clock()
-    listed = await members.segment_page(service.pool, lifecycle, after, limit + 1, now, service.programme)
+    listed = msgspec.convert(
+        await members.segment_page(service.pool, lifecycle, after, limit + 1, now, service.programme), list[SegmentMember]
+    )
     more = len(listed) > limit
     listed = listed[:limit]
-    return json_response({
-        "lifecycle": lifecycle,
-        "as_of": now,
-        "members": listed,
-        "next_after": listed[-1]["member_id"] if more else None,
-    })
+    return json_response(Segment(lifecycle=lifecycle, as_of=now, members=listed,
+                                 next_after=listed[-1].member_id if more else None))
 
 
 async def get_projections(request: web.Request) -> web.StreamResponse:
-    return json_response({"projections": await request.app[PROJECTION_SERVICE].statuses()})
+    return json_response(msgspec.convert({"projections": await request.app[PROJECTION_SERVICE].statuses()}, Projections))
 
 
 async def post_rebuild(request: web.Request) -> web.StreamResponse:
@@ -87,21 +87,23 @@ async def post_rebuild(request: web.Request) -> web.StreamResponse:
     if name not in PROJECTIONS:
         raise HttpProblem(404, "projection_not_found", f"projections are {', '.join(PROJECTIONS)}")
     await request.app[PROJECTION_SERVICE].request_rebuild(name)
-    return json_response({"name": name, "state": "rebuilding"}, status=202)
+    return json_response(RebuildStarted(name=name, state="rebuilding"), status=202)
 
 
 ROUTES = [
     Route("GET", "/v1/members/{member_id}/ledger", get_ledger, READER, "The member's points trail",
-          query=("after", "limit", "min_position")),
+          query=("after", "limit", "min_position"), answer=LedgerPage, operation_id="get_ledger"),
     Route("GET", "/v1/programme/liability", get_liability, READER, "Points liability as of a time, by month",
-          query=("as_of", "min_position")),
+          query=("as_of", "min_position"), answer=Liability, operation_id="get_liability"),
     Route("GET", "/v1/segments/{lifecycle}", get_segment, READER, "Members in a lifecycle, by member id",
           query=("after", "limit", "min_position"),
           parameter_schemas={"lifecycle": {"type": "string", "enum": list(LIFECYCLES)},
-                             "after": {"type": "string", "pattern": ID_PATTERN}}),  # segments page by member id
-    Route("GET", "/v1/projections", get_projections, READER, "Projection positions, lag and state"),
+                             "after": {"type": "string", "pattern": ID_PATTERN}},  # segments page by member id
+          answer=Segment, operation_id="get_segment"),
+    Route("GET", "/v1/projections", get_projections, READER, "Projection positions, lag and state",
+          answer=Projections, operation_id="get_projections"),
     Route("POST", "/v1/projections/{name}/rebuild", post_rebuild, ADMIN,
           "Rebuild a projection beside the live one, then swap", status=202,
           parameter_schemas={"name": {"type": "string", "enum": list(PROJECTIONS)}},
-          errors=(401, 403, 404, 429, 503)),
+          errors=(401, 403, 404, 429, 503), answer=RebuildStarted, operation_id="rebuild_projection"),
 ]

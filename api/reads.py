@@ -8,18 +8,19 @@ from datetime import datetime
 
 from aiohttp import web
 
+from api.answers import CouponWallet, EventsPage, IdentityOwner
 from api.auth import AUDITOR, CHECKOUT, MEMBER_READER, READER
 from api.context import LEDGER
 from api.decoding import page, path_id, query_int, query_time
 from api.problems import NDJSON, HttpProblem, json_response, unexpected_failure
 from api.route import Route
 from events.codec import encode_json
-from ledger.answers import coupon_view, member_view
+from ledger.answers import MemberProfile, coupon_view, member_profile
 from ledger.commands import IDENTITY_TYPES
 from ledger.errors import problem
 from ledger.state import COUPON_STATUSES
-from ledger.store import MAX_WAIT_MS, EventStore
-from ledger.views import balance, rfm, tier_view
+from ledger.store import MAX_WAIT_MS, EventStore, VerifyReport
+from ledger.views import Balance, TierView, balance, tier_view
 
 
 async def member_state(request: web.Request, at: datetime | None = None):
@@ -34,10 +35,7 @@ async def member_state(request: web.Request, at: datetime | None = None):
 async def get_member(request: web.Request) -> web.StreamResponse:
     ledger = request.app[LEDGER]
     state = await member_state(request)
-    now = ledger.clock()
-    view = member_view(state, now, ledger.programme)
-    view.update(rfm(state.purchases.values(), now, ledger.programme).as_dict())
-    return json_response(view)
+    return json_response(member_profile(state, ledger.clock(), ledger.programme))
 
 
 async def get_balance(request: web.Request) -> web.StreamResponse:
@@ -61,7 +59,7 @@ async def get_coupons(request: web.Request) -> web.StreamResponse:
         raise HttpProblem(422, "validation_failed", f"status is one of {', '.join(COUPON_STATUSES)}", field="status")
     state = await member_state(request)
     coupons = [coupon_view(c, at) for c in state.coupons.values()]
-    return json_response({"coupons": [c for c in coupons if wanted is None or c["status"] == wanted]})
+    return json_response(CouponWallet(coupons=[c for c in coupons if wanted is None or c.status == wanted]))
 
 
 async def get_identity(request: web.Request) -> web.StreamResponse:
@@ -71,7 +69,7 @@ async def get_identity(request: web.Request) -> web.StreamResponse:
     member_id = await request.app[LEDGER].store.identity_owner(identity_type, value)
     if member_id is None:
         raise HttpProblem(404, "member_not_found", f"no member has {identity_type} {value}")
-    return json_response({"member_id": member_id})
+    return json_response(IdentityOwner(member_id=member_id))
 
 
 async def get_member_events(request: web.Request) -> web.StreamResponse:
@@ -80,7 +78,7 @@ async def get_member_events(request: web.Request) -> web.StreamResponse:
     envelopes = await request.app[LEDGER].store.read_stream(path_id(request, "member_id"), after, limit + 1)
     more = len(envelopes) > limit
     envelopes = envelopes[:limit]
-    return json_response({"events": envelopes, "next_after": envelopes[-1].stream_version if more else None})
+    return json_response(EventsPage(events=envelopes, next_after=envelopes[-1].stream_version if more else None))
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
@@ -98,7 +96,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 after = max(after, envelopes[-1].position if envelopes else (await store.head())[0])
     more = len(envelopes) > limit
     envelopes = envelopes[:limit]
-    return json_response({"events": envelopes, "next_after": envelopes[-1].position if more else None})
+    return json_response(EventsPage(events=envelopes, next_after=envelopes[-1].position if more else None))
 
 
 async def audit_verify(request: web.Request) -> web.StreamResponse:
@@ -150,15 +148,21 @@ _IDENTITY_PATH = {
 }
 
 ROUTES = [
-    Route("GET", "/v1/members/{member_id}", get_member, MEMBER_READER, "Member profile, status, tier, balance"),
-    Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time", query=("as_of",)),
-    Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of",)),
-    Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status",)),
+    Route("GET", "/v1/members/{member_id}", get_member, MEMBER_READER, "Member profile, status, tier, balance",
+          answer=MemberProfile, operation_id="get_member"),
+    Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time", query=("as_of",),
+          answer=Balance, operation_id="get_balance"),
+    Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of",),
+          answer=TierView, operation_id="get_tier"),
+    Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status",),
+          answer=CouponWallet, operation_id="get_coupons"),
     Route("GET", "/v1/members/{member_id}/events", get_member_events, AUDITOR, "The member's stream",
-          query=("after", "limit")),
+          query=("after", "limit"), answer=EventsPage, operation_id="get_member_events"),
     Route("GET", "/v1/identities/{type}/{value}", get_identity, CHECKOUT | READER, "Find a member by identity",
-          parameter_schemas=_IDENTITY_PATH),
-    Route("GET", "/v1/events", get_events, AUDITOR, "The global feed", query=("after", "limit", "type", "wait_ms")),
+          parameter_schemas=_IDENTITY_PATH, answer=IdentityOwner, operation_id="find_member"),
+    Route("GET", "/v1/events", get_events, AUDITOR, "The global feed", query=("after", "limit", "type", "wait_ms"),
+          answer=EventsPage, operation_id="get_events"),
     Route("GET", "/v1/audit/verify", audit_verify, AUDITOR,
-          "Verify the hash chain (with Accept: application/x-ndjson, progress lines, then the report)"),
+          "Verify the hash chain (with Accept: application/x-ndjson, progress lines, then the report)",
+          answer=VerifyReport, operation_id="verify_chain"),
 ]

@@ -1,6 +1,7 @@
 """The answer a command gives, from the member's state after its events.
 
-Pure: (command, state after, decided events, programme) -> JSON-able dict.
+Pure: (command, state after, decided events, programme) -> an answer struct,
+the type /openapi.json describes (``api/openapi.py``).
 Everything but the log position is known once the events are decided, so
 the answer is built then, on the state the command leaves (a member's next
 command may already be evolving it while this one waits for its commit),
@@ -9,37 +10,76 @@ and ``with_position`` completes it when the store has sealed the events.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from datetime import datetime
+from typing import Any, Literal, Sequence, get_type_hints
+
+import msgspec
 
 from events import catalogue as ev
 from events.codec import encode_json
 from ledger import commands as cmd
 from ledger.decide import Decided
 from ledger.programme import Programme
-from ledger.state import Coupon, MemberState
-from ledger.views import available_points, balance, current_tier, status, tier_view
+from ledger.state import Coupon, CouponStatus, MemberState
+from ledger.views import Balance, TierView, available_points, balance, current_tier, rfm, status, tier_view
 
 
-def coupon_view(coupon: Coupon, at) -> dict[str, Any]:
-    return {
-        "coupon_id": coupon.coupon_id,
-        "template": coupon.template,
-        "value_cents": coupon.value_cents,
-        "min_spend_cents": coupon.min_spend_cents,
-        "valid_from": coupon.valid_from,
-        "expires_at": coupon.expires_at,
-        "source": coupon.source,
-        "points_cost": coupon.points_cost,
-        "status": coupon.status_at(at),
-        "order_ref": coupon.order_ref,
-    }
+# -- views: what a coupon and a member show at a moment ----------------------------------------
 
 
-def member_view(state: MemberState, at, programme: Programme) -> dict[str, Any]:
+# A coupon as a member's wallet shows it: its terms as the state holds them (same names, same
+# types, times with their offset), its status by date, and the order that redeemed it.
+COUPON_TERMS = ("coupon_id", "template", "value_cents", "min_spend_cents", "valid_from", "expires_at", "source",
+                "points_cost")
+_coupon_types = {name: cmd.Timestamp if t is datetime else t for name, t in get_type_hints(Coupon).items()}
+CouponView = msgspec.defstruct(
+    "CouponView",
+    [(name, _coupon_types[name]) for name in COUPON_TERMS] + [("status", CouponStatus), ("order_ref", str | None)],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+
+
+class IdentityView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: cmd.IdentityType
+    value: str
+
+
+class MemberView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    member_id: str
+    status: Literal["prospect", "member"]
+    identities: list[IdentityView]
+    birthday: str | None
+    enrolled_at: cmd.Timestamp | None
+    tier: TierView
+    balance: Balance
+    stream_version: int
+
+
+class MemberProfile(MemberView, kw_only=True):
+    """``GET /v1/members/{id}``: the member view with lifecycle and RFM."""
+
+    lifecycle: Literal["prospect", "active", "loyal", "dormant"]
+    recency_days: int | None
+    orders_365d: int
+    spend_365d_cents: int
+
+
+def _coupon_fields(coupon: Coupon, at: datetime) -> dict[str, Any]:
+    terms = {name: getattr(coupon, name) for name in COUPON_TERMS}
+    return {**terms, "status": coupon.status_at(at), "order_ref": coupon.order_ref}
+
+
+def coupon_view(coupon: Coupon, at: datetime) -> CouponView:
+    return CouponView(**_coupon_fields(coupon, at))
+
+
+def _member_fields(state: MemberState, at: datetime, programme: Programme) -> dict[str, Any]:
     return {
         "member_id": state.member_id,
         "status": status(state),
-        "identities": [{"type": i.type, "value": i.value} for i in state.identities],
+        "identities": [IdentityView(type=i.type, value=i.value) for i in state.identities],
         "birthday": state.birthday,
         "enrolled_at": state.enrolled_at,
         "tier": tier_view(state, at, programme),
@@ -48,104 +88,192 @@ def member_view(state: MemberState, at, programme: Programme) -> dict[str, Any]:
     }
 
 
+def member_profile(state: MemberState, at: datetime, programme: Programme) -> MemberProfile:
+    lifecycle = rfm(state.purchases.values(), at, programme)
+    return MemberProfile(**_member_fields(state, at, programme), **lifecycle.as_dict())
+
+
+# -- command answers ---------------------------------------------------------------------------
+
+
+class CommandAnswer(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Where the command's last event landed: in the log, and in the member's stream (absent: nothing appended)."""
+
+    position: int | None = None
+    stream_version: int | None = None
+
+
+class EnrolAnswer(MemberView, kw_only=True):
+    coupons: list[CouponView]
+    position: int | None = None
+
+
+class PurchaseAnswer(CommandAnswer, kw_only=True):
+    purchase_id: str
+    points: int
+    growth: int
+    tier: str
+    debt_paid: int
+
+
+class ReturnAnswer(CommandAnswer, kw_only=True):
+    return_id: str
+    purchase_id: str
+    points_clawed: int
+    growth_clawed: int
+    debt: int
+    written_off: int
+    buckets: list[ev.BucketPoints]
+    tier: str
+
+
+class RedemptionAnswer(CommandAnswer, kw_only=True):
+    redemption_id: str
+    points: int
+    consumed: list[ev.BucketPoints]
+    available: int
+
+
+class ReversalAnswer(CommandAnswer, kw_only=True):
+    redemption_id: str
+    points: int
+    restored: list[ev.BucketPoints]
+    expired: list[ev.BucketPoints]  # the parts of restored buckets already past expires_at: expired at once
+    available: int
+
+
+# A coupon issued, redeemed, reversed or voided: the coupon as it is now, and where the command landed.
+CouponAnswer = msgspec.defstruct(
+    "CouponAnswer",
+    [(f.name, f.type, f.default) for f in msgspec.structs.fields(CommandAnswer)],
+    bases=(CouponView,),
+    kw_only=True,
+    omit_defaults=True,
+    module=__name__,
+)
+
+
+class AdjustmentAnswer(CommandAnswer, kw_only=True):
+    adjustment_id: str
+    points: int
+    reason: str
+    buckets: list[ev.BucketPoints]  # a debit: what it took from each bucket; a credit: the bucket it made
+    debt_paid: int
+    available: int
+
+
+class ActivityAnswer(CommandAnswer, kw_only=True):
+    activity_id: str
+    type: str
+    points: int
+    growth: int
+    tier: str
+
+
+class JobAnswer(CommandAnswer, kw_only=True):
+    appended: int
+
+
+Answer = EnrolAnswer | PurchaseAnswer | ReturnAnswer | RedemptionAnswer | ReversalAnswer | CouponAnswer \
+    | AdjustmentAnswer | ActivityAnswer | JobAnswer
+
+
 def _event(decided: Sequence[Decided], event_type: type[ev.Event]) -> Any:
     return next(d.event for d in decided if type(d.event) is event_type)
 
 
-def answer(command: cmd.Command, state: MemberState, decided: Sequence[Decided], programme: Programme) -> dict[str, Any]:
+def answer(command: cmd.Command, state: MemberState, decided: Sequence[Decided], programme: Programme) -> Answer:
     """The answer without its ``position`` (``with_position`` adds it)."""
     at = decided[0].occurred_at
     return _ANSWERS[type(command)](command, state, decided, programme, at)
 
 
-def with_position(body: dict[str, Any], position: int, stream_version: int) -> bytes:
+def with_position(body: Answer, position: int, stream_version: int) -> bytes:
     """The answer's bytes, with where its last event landed in the log and in the member's stream."""
-    body["position"] = position
-    body["stream_version"] = stream_version
-    return encode_json(body)
+    return encode_json(msgspec.structs.replace(body, position=position, stream_version=stream_version))
 
 
-def _enrolled(command, state, decided, programme, at):
-    body = member_view(state, at, programme)
-    body["coupons"] = [coupon_view(c, at) for c in state.coupons.values()]
-    return body
+def _enrolled(command, state, decided, programme, at) -> EnrolAnswer:
+    coupons = [coupon_view(c, at) for c in state.coupons.values()]
+    return EnrolAnswer(**_member_fields(state, at, programme), coupons=coupons)
 
 
-def _purchase(command: cmd.RecordPurchase, state, decided, programme, at):
+def _purchase(command: cmd.RecordPurchase, state, decided, programme, at) -> PurchaseAnswer:
     earned = _event(decided, ev.PointsEarned)
-    return {
-        "purchase_id": command.purchase_id,
-        "points": earned.points,
-        "growth": earned.growth,
-        "tier": current_tier(state, programme),
-        "debt_paid": earned.debt_paid,
-    }
+    return PurchaseAnswer(
+        purchase_id=command.purchase_id,
+        points=earned.points,
+        growth=earned.growth,
+        tier=current_tier(state, programme),
+        debt_paid=earned.debt_paid,
+    )
 
 
-def _return(command: cmd.RecordReturn, state, decided, programme, at):
+def _return(command: cmd.RecordReturn, state, decided, programme, at) -> ReturnAnswer:
     clawed = _event(decided, ev.PointsClawedBack)
-    return {
-        "return_id": command.return_id,
-        "purchase_id": command.purchase_id,
-        "points_clawed": clawed.points,
-        "growth_clawed": clawed.growth,
-        "debt": state.debt,
-        "written_off": clawed.written_off,
-        "buckets": clawed.buckets,
-        "tier": current_tier(state, programme),
-    }
+    return ReturnAnswer(
+        return_id=command.return_id,
+        purchase_id=command.purchase_id,
+        points_clawed=clawed.points,
+        growth_clawed=clawed.growth,
+        debt=state.debt,
+        written_off=clawed.written_off,
+        buckets=clawed.buckets,
+        tier=current_tier(state, programme),
+    )
 
 
-def _redeem(command: cmd.Redeem, state, decided, programme, at):
+def _redeem(command: cmd.Redeem, state, decided, programme, at) -> RedemptionAnswer:
     redeemed = _event(decided, ev.PointsRedeemed)
-    return {
-        "redemption_id": command.redemption_id,
-        "points": command.points,
-        "consumed": redeemed.buckets,
-        "available": available_points(state, at),
-    }
+    return RedemptionAnswer(
+        redemption_id=command.redemption_id,
+        points=command.points,
+        consumed=redeemed.buckets,
+        available=available_points(state, at),
+    )
 
 
-def _reversal(command: cmd.ReverseRedemption, state, decided, programme, at):
+def _reversal(command: cmd.ReverseRedemption, state, decided, programme, at) -> ReversalAnswer:
     reversed_ = _event(decided, ev.RedemptionReversed)
-    return {
-        "redemption_id": command.redemption_id,
-        "points": reversed_.points,
-        "restored": reversed_.buckets,
-        "expired": reversed_.expired,
-        "available": available_points(state, at),
-    }
+    return ReversalAnswer(
+        redemption_id=command.redemption_id,
+        points=reversed_.points,
+        restored=reversed_.buckets,
+        expired=reversed_.expired,
+        available=available_points(state, at),
+    )
 
 
-def _coupon(command, state, decided, programme, at):
-    return coupon_view(state.coupons[command.coupon_id], at)
+def _coupon(command, state, decided, programme, at) -> CouponAnswer:
+    return CouponAnswer(**_coupon_fields(state.coupons[command.coupon_id], at))
 
 
-def _adjust(command: cmd.Adjust, state, decided, programme, at):
+def _adjust(command: cmd.Adjust, state, decided, programme, at) -> AdjustmentAnswer:
     adjusted = _event(decided, ev.PointsAdjusted)
-    return {
-        "adjustment_id": command.adjustment_id,
-        "points": command.points,
-        "reason": command.reason,
-        "buckets": adjusted.buckets or ([adjusted.bucket] if adjusted.bucket else []),
-        "debt_paid": adjusted.debt_paid,
-        "available": available_points(state, at),
-    }
+    credited = [ev.BucketPoints(adjusted.bucket.bucket_id, adjusted.bucket.amount)] if adjusted.bucket else []
+    return AdjustmentAnswer(
+        adjustment_id=command.adjustment_id,
+        points=command.points,
+        reason=command.reason,
+        buckets=adjusted.buckets or credited,  # a credit that all paid off debt made no bucket
+        debt_paid=adjusted.debt_paid,
+        available=available_points(state, at),
+    )
 
 
-def _activity(command: cmd.RecordActivity, state, decided, programme, at):
+def _activity(command: cmd.RecordActivity, state, decided, programme, at) -> ActivityAnswer:
     recorded = _event(decided, ev.ActivityRecorded)
-    return {
-        "activity_id": command.activity_id,
-        "type": recorded.type,
-        "points": recorded.points,
-        "growth": recorded.growth,
-        "tier": current_tier(state, programme),
-    }
+    return ActivityAnswer(
+        activity_id=command.activity_id,
+        type=recorded.type,
+        points=recorded.points,
+        growth=recorded.growth,
+        tier=current_tier(state, programme),
+    )
 
 
-def _job(command, state, decided, programme, at):
-    return {"appended": len(decided)}
+def _job(command, state, decided, programme, at) -> JobAnswer:
+    return JobAnswer(appended=len(decided))
 
 
 _ANSWERS = {

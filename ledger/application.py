@@ -27,7 +27,7 @@ from events.codec import encode_json, from_data
 from events.envelope import Envelope
 from ledger import commands as cmd
 from ledger import settings
-from ledger.answers import answer, with_position
+from ledger.answers import JobAnswer, answer, with_position
 from ledger.clock import Clock, system_clock
 from ledger.decide import Decided, decide
 from ledger.errors import DuplicateCommand, Refusal, problem
@@ -342,7 +342,7 @@ class Ledger:
             if not decided:
                 if not checked:
                     continue
-                return Outcome(200, encode_json({"appended": 0}))
+                return Outcome(200, encode_json(JobAnswer(appended=0)))
             try:
                 append = self._prepare_append(stream_id, state, command, decided, fingerprint, actor, idempotency_key)
                 recorded = await self.store.append(append)

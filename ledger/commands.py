@@ -64,8 +64,14 @@ class Redeem(Command, kw_only=True):
     occurred_at: Timestamp | None = None
 
 
+# The id a path names (redemption_id, coupon_id) is filled in from the path; a
+# body may repeat it, and one that contradicts the path is refused (422
+# path_mismatch). In a batch line, which has no path, the body carries it.
+PathId = Id | None
+
+
 class ReverseRedemption(Command, kw_only=True):
-    redemption_id: Id = ""  # taken from the path
+    redemption_id: PathId = None
     occurred_at: Timestamp | None = None
 
 
@@ -81,19 +87,19 @@ class IssueCoupon(Command, kw_only=True):
 
 
 class RedeemCoupon(Command, kw_only=True):
-    coupon_id: Id = ""  # taken from the path
+    coupon_id: PathId = None
     order_ref: Id
     order_amount_cents: Amount
     occurred_at: Timestamp | None = None
 
 
 class ReverseCouponRedemption(Command, kw_only=True):
-    coupon_id: Id = ""  # taken from the path
+    coupon_id: PathId = None
     occurred_at: Timestamp | None = None
 
 
 class VoidCoupon(Command, kw_only=True):
-    coupon_id: Id = ""  # taken from the path
+    coupon_id: PathId = None
     reason: Text
     occurred_at: Timestamp | None = None
 

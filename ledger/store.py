@@ -119,7 +119,7 @@ _NOT_ONE_COMMANDS_FAULT = (
 )
 
 
-class VerifyReport(msgspec.Struct, kw_only=True):
+class VerifyReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ok: bool
     checked: int
     head_position: int

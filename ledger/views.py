@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import msgspec
 
+from ledger.commands import Timestamp
 from ledger.programme import Programme
 from ledger.state import Bucket, MemberState, Purchase
 
@@ -20,7 +21,7 @@ LOYAL_WINDOW = timedelta(days=30)
 RFM_WINDOW = timedelta(days=365)
 
 
-class Balance(msgspec.Struct, kw_only=True):
+class Balance(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     available: int
     pending: int
     debt: int
@@ -30,15 +31,15 @@ class Balance(msgspec.Struct, kw_only=True):
     lifetime_adjusted: int
     lifetime_redeemed: int
     lifetime_expired: int
-    as_of: datetime
+    as_of: Timestamp
 
 
-class TierView(msgspec.Struct, kw_only=True):
+class TierView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tier: str
     growth_window: int
     next_tier: str | None
     growth_needed: int
-    hold_until: datetime | None
+    hold_until: Timestamp | None
 
 
 def burnable_buckets(state: MemberState, at: datetime) -> list[tuple[Bucket, int]]:

@@ -29,6 +29,7 @@ from ledger.database import (
     run_blocking,
     start_embedded_server,
 )
+from tests.service_process import ServiceProcess
 
 # Database names carry the pid so that two test runs can share one server.
 _PID = os.getpid()
@@ -121,3 +122,14 @@ async def pool(database_url):
         await asyncio.wait_for(pool.close(), timeout=10)
     except asyncio.TimeoutError:
         pool.terminate()  # a connection was still held; the database is dropped anyway
+
+
+@pytest.fixture
+def live_service(database_url):
+    """The real service (``python -m service serve``) on the test's database, stopped after the test."""
+    service = ServiceProcess(database_url)
+    run_blocking(service.start)
+    try:
+        yield service
+    finally:
+        service.close()

@@ -1,6 +1,6 @@
-"""The import graph of the service's code, from the code itself: ``python -m tests.import_graph``.
+"""The import graph of the service's code, from the code itself: ``python -m tests.import_graph [--write]``.
 
-Prints the block the README's Layout section shows (tests/test_layout.py
+Prints the block the README's Layout section shows (``--write`` puts it there) (tests/test_layout.py
 checks that the README holds exactly this, that no module imports itself
 through others, and that no module imports one of ours inside a function).
 """
@@ -8,6 +8,8 @@ through others, and that no module imports one of ours inside a function).
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from graphlib import TopologicalSorter
 from pathlib import Path
 
@@ -99,5 +101,23 @@ def render() -> str:
     return "\n".join(lines)
 
 
+README_BLOCK = re.compile(r"(<!-- imports:start -->\n```\n)(.*?)(\n```\n<!-- imports:end -->)", re.S)
+
+
+def shown_in_readme() -> str | None:
+    found = README_BLOCK.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    return found.group(2) if found else None
+
+
+def write_readme() -> None:
+    readme = ROOT / "README.md"
+    text, count = README_BLOCK.subn(lambda m: m.group(1) + render() + m.group(3), readme.read_text(encoding="utf-8"))
+    assert count == 1, "README.md needs one <!-- imports:start --> ... <!-- imports:end --> block"
+    readme.write_text(text, encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(render())
+    if "--write" in sys.argv[1:]:
+        write_readme()
+    else:
+        print(render())

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 from hypothesis import settings
 
+from api.commands import OPERATIONS_BY_NAME
 from ledger import commands as cmd
 from ledger.application import Ledger
 from ledger.clock import ManualClock
@@ -71,6 +72,8 @@ class AppDriver(Driver):
         again = self.run(self.ledger.execute(operation, member_id, command, actor="state-machine", idempotency_key=key))
         assert (again.status, again.body, again.replayed) == (first.status, first.body, True), (operation, first, again)
         assert self.run(self.ledger.store.head()) == head, "a replay with the same key appended"
+        if first.status == 201:  # the answer is the type /openapi.json documents for it, field for field
+            msgspec.json.decode(first.body, type=OPERATIONS_BY_NAME[operation].answer, strict=True)
         body = msgspec.json.decode(first.body)
         if first.replayed or body.get("code") == "duplicate_id":
             return Duplicate(operation)
