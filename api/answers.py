@@ -64,9 +64,10 @@ class LiabilityMonth(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     adjusted: int
     redeemed: int
     expired: int
+    outstanding: int  # at the month's end (as of the read's time for the last month)
 
 
-assert set(LiabilityMonth.__struct_fields__) == {"month", *FIGURES}
+assert set(LiabilityMonth.__struct_fields__) == {"month", *FIGURES, "outstanding"}
 
 
 class Liability(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -198,50 +198,34 @@ def _enrolled(command, state, decided, programme, at) -> EnrolAnswer:
     return EnrolAnswer(**_member_fields(state, at, programme), coupons=coupons)
 
 
+def _credited(event: ev.PointsEarned | ev.ActivityRecorded, state: MemberState, programme: Programme) -> dict[str, Any]:
+    """What a credit (a purchase, a growth task) answers: its points and growth, and the tier after it."""
+    return {"points": event.points, "growth": event.growth, "tier": current_tier(state, programme)}
+
+
 def _purchase(command: cmd.RecordPurchase, state, decided, programme, at) -> PurchaseAnswer:
     earned = _event(decided, ev.PointsEarned)
-    return PurchaseAnswer(
-        purchase_id=command.purchase_id,
-        points=earned.points,
-        growth=earned.growth,
-        tier=current_tier(state, programme),
-        debt_paid=earned.debt_paid,
-    )
+    return PurchaseAnswer(purchase_id=command.purchase_id, debt_paid=earned.debt_paid,
+                          **_credited(earned, state, programme))
 
 
 def _return(command: cmd.RecordReturn, state, decided, programme, at) -> ReturnAnswer:
     clawed = _event(decided, ev.PointsClawedBack)
-    return ReturnAnswer(
-        return_id=command.return_id,
-        purchase_id=command.purchase_id,
-        points_clawed=clawed.points,
-        growth_clawed=clawed.growth,
-        debt=state.debt,
-        written_off=clawed.written_off,
-        buckets=clawed.buckets,
-        tier=current_tier(state, programme),
-    )
+    return ReturnAnswer(return_id=command.return_id, purchase_id=command.purchase_id, points_clawed=clawed.points,
+                        growth_clawed=clawed.growth, debt=state.debt, written_off=clawed.written_off,
+                        buckets=clawed.buckets, tier=current_tier(state, programme))
 
 
 def _redeem(command: cmd.Redeem, state, decided, programme, at) -> RedemptionAnswer:
     redeemed = _event(decided, ev.PointsRedeemed)
-    return RedemptionAnswer(
-        redemption_id=command.redemption_id,
-        points=command.points,
-        consumed=redeemed.buckets,
-        available=available_points(state, at),
-    )
+    return RedemptionAnswer(redemption_id=command.redemption_id, points=command.points, consumed=redeemed.buckets,
+                            available=available_points(state, at))
 
 
 def _reversal(command: cmd.ReverseRedemption, state, decided, programme, at) -> ReversalAnswer:
     reversed_ = _event(decided, ev.RedemptionReversed)
-    return ReversalAnswer(
-        redemption_id=command.redemption_id,
-        points=reversed_.points,
-        restored=reversed_.buckets,
-        expired=reversed_.expired,
-        available=available_points(state, at),
-    )
+    return ReversalAnswer(redemption_id=command.redemption_id, points=reversed_.points, restored=reversed_.buckets,
+                          expired=reversed_.expired, available=available_points(state, at))
 
 
 def _coupon(command, state, decided, programme, at) -> CouponAnswer:
@@ -263,13 +247,7 @@ def _adjust(command: cmd.Adjust, state, decided, programme, at) -> AdjustmentAns
 
 def _activity(command: cmd.RecordActivity, state, decided, programme, at) -> ActivityAnswer:
     recorded = _event(decided, ev.ActivityRecorded)
-    return ActivityAnswer(
-        activity_id=command.activity_id,
-        type=recorded.type,
-        points=recorded.points,
-        growth=recorded.growth,
-        tier=current_tier(state, programme),
-    )
+    return ActivityAnswer(activity_id=command.activity_id, type=recorded.type, **_credited(recorded, state, programme))
 
 
 def _job(command, state, decided, programme, at) -> JobAnswer:
