@@ -2,7 +2,7 @@
 // programme versions, projection and publication lag, chain verification.
 import { eachPage, get } from "./api.js";
 import { figures, h, page, replace, table } from "./dom.js";
-import { points, text, time } from "./format.js";
+import { points, text, time, yuan } from "./format.js";
 import { asOfForm, fill } from "./shell.js";
 
 const LAG_REFRESH_MS = 5000;
@@ -86,7 +86,10 @@ function reward(r) {
   if (!r) return "—";
   if (r.kind === "multiplier") return `×${r.multiplier_pct}%`;
   if (r.kind === "bonus") return `+${points(r.points)} points`;
-  return `${r.kind} ${JSON.stringify({ ...r, kind: undefined })}`;
+  if (r.kind === "coupon") {
+    return `coupon ${r.template}: ${yuan(r.value_cents)} off ${yuan(r.min_spend_cents)}, ${points(r.valid_days)} days`;
+  }
+  return JSON.stringify(r);
 }
 
 function budgetUse(awarded, budget) {
@@ -104,17 +107,16 @@ export async function campaigns() {
     if (!listed.length) return h("p", { class: "muted" }, "No campaigns yet.");
     return h("div", {}, next !== null ? h("p", { class: "notice" }, `The first ${listed.length} campaigns.`) : null,
       table([
-        { label: "campaign", cell: (c) => h("span", { class: "mono" }, c.campaign_id) },
-        { label: "name", wrap: true, cell: (c) => text(c.name) },
+        { label: "campaign", cell: (c) => h("div", {}, h("span", { class: "mono" }, c.campaign_id),
+          h("div", { class: "muted" }, text(c.name))) },
         { label: "status", cell: (c) => c.status },
-        { label: "starts", cell: (c) => time(c.starts_at) },
-        { label: "ends", cell: (c) => time(c.ends_at) },
-        { label: "ended", cell: (c) => time(c.ended_at) },
-        { label: "reward", cell: (c) => reward(c.reward) },
+        { label: "reward", wrap: true, cell: (c) => reward(c.reward) },
         { label: "points granted", cell: (c) => budgetUse(c.awarded_points, c.budget_points) },
         { label: "coupons granted", cell: (c) => budgetUse(c.awarded_coupons, c.budget_coupons) },
         { label: "members rewarded", num: true, cell: (c) => points(c.members_rewarded) },
         { label: "per member", cell: (c) => c.per_member_limit === null ? "no cap" : `${c.per_member_limit} a ${c.per_member_period}` },
+        { label: "window", cell: (c) => h("div", {}, `from ${time(c.starts_at)}`, h("br"), `to ${time(c.ends_at)}`,
+          c.ended_at ? h("div", { class: "bad" }, `ended ${c.ended_at}`) : null) },
         { label: "conditions", wrap: true, cell: (c) => h("details", {}, h("summary", {}, "conditions"),
           h("pre", { class: "mono" }, JSON.stringify(c.conditions, null, 2))) },
       ], listed, () => ({ "data-row": "campaign" })));
