@@ -83,6 +83,24 @@ CREATE TABLE IF NOT EXISTS command_results (
     PRIMARY KEY (stream_id, command_key)
 );
 
+-- What each campaign has granted (CONTRACT §6.2): written with the events that
+-- grant it, in the same transaction and under the head lock, by every path that
+-- inserts events (appends and imports alike). An append re-checks its grants
+-- against these counters there, so a budget is never exceeded, whichever
+-- process appends. Derived from the log like command_results; returns never
+-- reduce it.
+CREATE TABLE IF NOT EXISTS campaign_spend (
+    campaign_id    text   PRIMARY KEY,
+    points         bigint NOT NULL DEFAULT 0,
+    coupons        bigint NOT NULL DEFAULT 0,
+    members        bigint NOT NULL DEFAULT 0   -- distinct members rewarded (campaign_spend_members)
+);
+CREATE TABLE IF NOT EXISTS campaign_spend_members (
+    campaign_id text NOT NULL,
+    stream_id   text NOT NULL,
+    PRIMARY KEY (campaign_id, stream_id)
+);
+
 -- Member state snapshots: a cache of evolve(), validated by stream_version.
 -- Losing one costs a longer fold, nothing else; `format` names the state's
 -- shape so a changed shape ignores old snapshots.

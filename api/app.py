@@ -25,7 +25,10 @@ def create_app(
     settings = settings or Settings()
     app = web.Application(middlewares=[problems_and_metrics], client_max_size=BATCH_MAX_BYTES)
     app[SETTINGS] = settings
-    app[LEDGER] = Ledger(EventStore(pool, clock), programme, clock, cache_events_max=settings.cache_events_max)
+    app[LEDGER] = Ledger(
+        EventStore(pool, clock), programme, clock, cache_events_max=settings.cache_events_max,
+        programme_file_given=settings.programme_path is not None,
+    )
     app[METRICS] = Metrics(app[LEDGER])
     app[KEYS] = KeyRing(pool, settings, clock)
     app[PROJECTION_SERVICE] = ProjectionService(pool, programme, clock, metrics=ProjectionMetrics(app[METRICS].registry))
@@ -36,6 +39,7 @@ def create_app(
     app.on_startup.append(_ensure_projection_tables)
     app.on_startup.append(_seed_admin_key)
     app.on_startup.append(_start_group_commit)
+    app.on_startup.append(_seed_programme)
     app.on_cleanup.append(_stop_group_commit)
     return app
 
@@ -46,6 +50,11 @@ async def _start_group_commit(app: web.Application) -> None:
 
 async def _stop_group_commit(app: web.Application) -> None:
     await app[LEDGER].store.stop_group_commit()
+
+
+async def _seed_programme(app: web.Application) -> None:
+    """Version 1 on an empty log; the given file as the next version when it differs (CONTRACT §6.1)."""
+    await app[LEDGER].refresh_rules()
 
 
 async def _seed_admin_key(app: web.Application) -> None:

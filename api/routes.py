@@ -7,7 +7,7 @@ these, so nothing else needs to know about it.
 
 from __future__ import annotations
 
-from api import activities, admin, batch, commands, console, health, projected, reads
+from api import activities, admin, batch, campaigns, commands, console, health, programme, projected, reads
 from api.route import Route
 
 ROUTES: list[Route] = [
@@ -17,6 +17,8 @@ ROUTES: list[Route] = [
     *activities.ROUTES,
     *projected.ROUTES,
     *admin.ROUTES,
+    *programme.ROUTES,
+    *campaigns.ROUTES,
     *health.ROUTES,
     *console.ROUTES,
 ]

@@ -133,6 +133,17 @@ def figures(out: dict) -> list[dict]:
         rows.append(_stored_row(separate, f"its own run `{separate['run']}`, {separate['started_at']}: "
                                 f"`{TEN_MILLION_COMMAND}`; catch-up over it {_fmt(catch.get('events_per_s'), 'events/s')}, "
                                 f"rebuild `members` {_fmt(catch.get('rebuild_members', {}).get('events_per_s'), 'events/s')}; "))
+    campaigns = out.get("campaigns")
+    if campaigns:
+        ratio = campaigns["ratio_median"]
+        rows.append(_row(
+            f"ingest with {campaigns['campaigns']} running campaigns, {campaigns['matching']} granting every purchase "
+            f"a reward" + _rounds(campaigns),
+            _fmt(campaigns["ours"]["rps"], "req/s"),
+            f"the same service without campaigns: {_fmt(campaigns['none']['rps'], 'req/s')}",
+            round(ratio, 3), "≥ 0.85", ratio >= 0.85,
+            "each rewarded purchase appends 10 more points_earned events (12 instead of 2)",
+        ))
     heavy = out.get("heavy")
     if heavy:
         light_p50 = (heavy["light"]["latency_ms"]["p50"] + heavy["light_again"]["latency_ms"]["p50"]) / 2

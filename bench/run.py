@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiohttp
@@ -462,6 +462,49 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
         empty.stop()
 
 
+CAMPAIGNS = 20  # half of them match every purchase (a 1-point bonus), half match none (another store)
+
+
+async def create_campaigns(base: str) -> None:
+    now = datetime.now(timezone.utc)
+    window = {"starts_at": now.isoformat(), "ends_at": (now + timedelta(days=30)).isoformat()}
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        for n in range(CAMPAIGNS):
+            conditions = {} if n % 2 == 0 else {"store_ids": ["s-none"]}
+            body = {"campaign_id": f"bench-{n:02d}", "name": f"bench {n}", **window, "conditions": conditions,
+                    "reward": {"kind": "bonus", "points": 1}}
+            async with session.post(f"{base}/v1/campaigns", json=body) as answer:
+                assert answer.status == 201, await answer.text()
+
+
+async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
+    """The same ingest with 20 running campaigns (10 granting a reward to every purchase, 10 to none), against
+    the same service without campaigns, rounds alternating."""
+    log_dir = RESULTS / "logs"
+    with_url, without_url = await db.fresh("bench_campaigns"), await db.fresh("bench_no_campaigns")
+    with_, without = service_process(with_url, log_dir).start(), service_process(without_url, log_dir).start()
+    try:
+        await create_campaigns(f"http://127.0.0.1:{with_.port}")
+        for service in (with_, without):
+            await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
+            purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
+        rounds = []
+        for number in range(plan.rounds):
+            say(f"campaigns round {number + 1}/{plan.rounds}: no campaigns, then {CAMPAIGNS} running; "
+                f"{plan.duration_s:g} s each")
+            none = purchase_load(without.port, "m", plan.members, f"run{number}", plan.duration_s)
+            some = purchase_load(with_.port, "m", plan.members, f"run{number}", plan.duration_s)
+            rounds.append((none, some))
+        ratios = sorted(some.rps / none.rps for none, some in rounds)
+        none, some = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, "ours": some.as_dict(),
+                            "none": none.as_dict(), "rounds_rps": [(n.rps, s_.rps) for n, s_ in rounds],
+                            "ratio_median": round(ratios[len(ratios) // 2], 3)}
+    finally:
+        with_.stop()
+        without.stop()
+
+
 async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
     """`loyalty project` from nothing to the head; a raw sequential read of the same events; a rebuild."""
     import asyncpg
@@ -659,6 +702,7 @@ async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
 SCENARIOS = {
     "ingest": scenario_ingest,
     "stored": scenario_stored,
+    "campaigns": scenario_campaigns,
     "heavy": scenario_heavy,
     "import": scenario_import,
     "eventsourcing": scenario_eventsourcing,

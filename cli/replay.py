@@ -7,7 +7,8 @@ same views over the state the projections give as of T
 (``points.state_as_of``, ``members.state_as_of``). The projections' rows
 themselves (summary, purchases, buckets, coupons) are compared with the
 folded state too, and, for the whole programme, the liability as of T with
-the sum of every member's balance.
+the sum of every member's balance; and every campaign's row (its end and its
+counters) with the ``$campaigns`` stream and the members' campaign rewards.
 
 Everything is read in one repeatable-read snapshot, and each projection is
 compared with the log up to its own checkpoint, so a projector running
@@ -25,14 +26,17 @@ import msgspec
 
 from events.envelope import Envelope
 from ledger.application import fact_of
+from ledger.campaigns import CAMPAIGNS_STREAM, CampaignBook
 from ledger.programme import Programme
 from ledger.state import MemberState, fold
 from ledger.store import envelope_from_row
 from ledger.views import balance, status, tier_view
-from projections import liability, members, points
+from projections import campaigns, liability, members, points
 from projections.runtime import PROJECTIONS
 
 MEMBERS_PER_PAGE = 200
+_COLUMNS = ("position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,"
+            " command_id, actor, programme_version, data::text AS data, hash")
 LIABILITY_FIGURES = ("earned", "clawed", "adjusted", "redeemed", "expired", "debt", "outstanding")
 
 
@@ -115,9 +119,11 @@ async def replay(
             for name in PROJECTIONS:
                 report.positions.setdefault(name, 0)
             totals = dict.fromkeys(LIABILITY_FIGURES, 0)
+            rewards: dict[str, dict[str, Any]] = {}
             unfoldable = 0
             async for page in _member_pages(conn, member_id, max(report.positions.values())):
                 for member in page:
+                    _count_rewards(rewards, member, report.positions["campaigns"])
                     try:
                         report.mismatches += await _compare_member(conn, member, report.positions, as_of, programme)
                         _add_liability(totals, member.state(report.positions["liability"], as_of), as_of)
@@ -133,11 +139,53 @@ async def replay(
                 projected = await liability.liability(conn, as_of, programme)
                 report.mismatches += differences(f"programme liability as of {as_of.isoformat()}", totals,
                                                  {k: projected[k] for k in LIABILITY_FIGURES})
+            if member_id is None:
+                report.mismatches += await _compare_campaigns(conn, report.positions["campaigns"], rewards)
     return report
 
 
+def _count_rewards(rewards: dict[str, dict[str, Any]], member: _Member, position: int) -> None:
+    """The member's campaign rewards up to ``position``, added to each campaign's counters."""
+    for envelope in member.envelopes:
+        campaign_id = envelope.data.get("campaign_id")
+        if envelope.position > position or campaign_id is None:
+            continue
+        counters = rewards.setdefault(
+            campaign_id, {"awarded_points": 0, "awarded_coupons": 0, "members": set()}
+        )
+        if envelope.type == "points_earned":
+            counters["awarded_points"] += envelope.data["points"]
+        elif envelope.type == "coupon_issued":
+            counters["awarded_coupons"] += 1
+        counters["members"].add(member.member_id)
+
+
+async def _compare_campaigns(conn, position: int, rewards: dict[str, dict[str, Any]]) -> list[str]:
+    """Each campaign as the log has it up to ``position`` against its row in the read model."""
+    book = CampaignBook()
+    for row in await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND position <= $2 ORDER BY stream_version""",
+        CAMPAIGNS_STREAM, position,
+    ):
+        book.evolve(fact_of(envelope_from_row(row)).event)
+    rows = {r["campaign_id"]: r for r in await conn.fetch(f"SELECT {', '.join(campaigns.COLUMNS)} FROM campaigns")}
+    found = []
+    for campaign_id in sorted(set(book.campaigns) | set(rows) | set(rewards)):
+        campaign = book.campaigns.get(campaign_id)
+        counted = rewards.get(campaign_id, {"awarded_points": 0, "awarded_coupons": 0, "members": set()})
+        from_log = None if campaign is None else {
+            "ended_at": campaign.ended_at, "awarded_points": counted["awarded_points"],
+            "awarded_coupons": counted["awarded_coupons"], "members_rewarded": len(counted["members"]),
+        }
+        row = rows.get(campaign_id)
+        projected = None if row is None else {name: row[name] for name in (
+            "ended_at", "awarded_points", "awarded_coupons", "members_rewarded")}
+        found += differences(f"campaign {campaign_id}", from_log, projected)
+    return found
+
+
 async def count_members(pool) -> int:
-    return await pool.fetchval("SELECT count(*) FROM events WHERE stream_version = 1")
+    return await pool.fetchval("SELECT count(*) FROM events WHERE stream_version = 1 AND stream_id NOT LIKE '$%'")
 
 
 async def _member_pages(conn, member_id: str | None, upto: int):
@@ -148,16 +196,16 @@ async def _member_pages(conn, member_id: str | None, upto: int):
             r["stream_id"]
             for r in await conn.fetch(
                 """SELECT stream_id FROM events WHERE stream_version = 1 AND stream_id > $1
-                   AND ($3::text IS NULL OR stream_id = $3) ORDER BY stream_id LIMIT $2""",
+                   AND stream_id NOT LIKE '$%' AND ($3::text IS NULL OR stream_id = $3)
+                   ORDER BY stream_id LIMIT $2""",
                 after, MEMBERS_PER_PAGE, member_id,
             )
         ]
         if not ids:
             return
         rows = await conn.fetch(
-            """SELECT position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,
-                      command_id, actor, programme_version, data::text AS data, hash
-               FROM events WHERE stream_id = ANY($1::text[]) AND position <= $2 ORDER BY stream_id, stream_version""",
+            f"""SELECT {_COLUMNS} FROM events WHERE stream_id = ANY($1::text[]) AND position <= $2
+                ORDER BY stream_id, stream_version""",
             ids, upto,
         )
         by_member: dict[str, list[Envelope]] = {i: [] for i in ids}

@@ -8,7 +8,7 @@ points movement lists the buckets it touched (``BucketPoints``).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -69,6 +69,9 @@ class PointsEarned(Event, tag="points_earned", kw_only=True):
     debt_paid: int
     bucket: NewBucket | None
     activity_id: str | None = None
+    # Set on a campaign's reward for the purchase (CONTRACT §6.2): its own
+    # bucket ``c:<campaign_id>:<purchase_id>``, growth 0.
+    campaign_id: str | None = None
 
 
 class PurchaseReturned(Event, tag="purchase_returned", kw_only=True):
@@ -147,12 +150,13 @@ class CouponIssued(Event, tag="coupon_issued", kw_only=True):
     min_spend_cents: int
     valid_from: datetime
     expires_at: datetime
-    source: str  # admin | welcome | birthday | points
+    source: str  # admin | welcome | birthday | points | campaign
     points_cost: int = 0
     buckets: list[BucketPoints] = []
     # Burned points the expire job had already written off as expired (a late
     # event, dated before expires_at, spent them): the trail takes them back.
     unexpired: list[BucketPoints] = []
+    campaign_id: str | None = None  # a campaign's reward (source "campaign")
 
 
 class CouponRedeemed(Event, tag="coupon_redeemed", kw_only=True):
@@ -191,6 +195,36 @@ class ActivityRecorded(Event, tag=False, tag_field=None, kw_only=True):
     points: int
     growth: int
     ref: str | None
+class ProgrammeChanged(Event, tag="programme_changed", kw_only=True):
+    """A programme version (stream ``$programme``): every setting, defaults filled in.
+
+    ``effective_from`` null: in force for all time before the next version.
+    """
+
+    version: int
+    effective_from: datetime | None
+    settings: dict[str, Any]
+
+
+class CampaignCreated(Event, tag="campaign_created", kw_only=True):
+    """A campaign (stream ``$campaigns``), as ``POST /v1/campaigns`` took it (CONTRACT §6.2)."""
+
+    campaign_id: str
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    conditions: dict[str, Any]
+    reward: dict[str, Any]
+    budget_points: int | None
+    budget_coupons: int | None
+    per_member_limit: int | None
+    per_member_period: str
+
+
+class CampaignEnded(Event, tag="campaign_ended", kw_only=True):
+    campaign_id: str
+    ended_at: datetime
+    reason: str
 
 
 AnyEvent = Union[
@@ -211,6 +245,9 @@ AnyEvent = Union[
     CouponVoided,
     CouponExpired,
     ActivityRecorded,
+    ProgrammeChanged,
+    CampaignCreated,
+    CampaignEnded,
 ]
 
 def _name(cls: type[Event]) -> str:

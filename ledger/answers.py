@@ -108,9 +108,19 @@ class EnrolAnswer(MemberView, kw_only=True):
     position: int | None = None
 
 
+class Reward(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A campaign's reward to a purchase (CONTRACT §6.2): points, or a coupon (points 0)."""
+
+    campaign_id: str
+    points: int
+    coupon_id: str | None
+
+
 class PurchaseAnswer(CommandAnswer, kw_only=True):
     purchase_id: str
-    points: int
+    points: int  # regular and campaign points
+    base_points: int  # the regular part
+    rewards: list[Reward]
     growth: int
     tier: str
     debt_paid: int
@@ -205,8 +215,21 @@ def _credited(event: ev.PointsEarned | ev.ActivityRecorded, state: MemberState, 
 
 def _purchase(command: cmd.RecordPurchase, state, decided, programme, at) -> PurchaseAnswer:
     earned = _event(decided, ev.PointsEarned)
-    return PurchaseAnswer(purchase_id=command.purchase_id, debt_paid=earned.debt_paid,
-                          **_credited(earned, state, programme))
+    # CONTRACT §6.2: points is everything credited, base_points the regular part, rewards in campaign_id order.
+    rewards = [
+        Reward(
+            campaign_id=d.event.campaign_id,
+            points=d.event.points if isinstance(d.event, ev.PointsEarned) else 0,
+            coupon_id=d.event.coupon_id if isinstance(d.event, ev.CouponIssued) else None,
+        )
+        for d in decided
+        if getattr(d.event, "campaign_id", None) is not None
+    ]
+    credited = _credited(earned, state, programme)
+    credited["points"] += sum(reward.points for reward in rewards)
+    debt_paid = sum(d.event.debt_paid for d in decided if isinstance(d.event, ev.PointsEarned))
+    return PurchaseAnswer(purchase_id=command.purchase_id, debt_paid=debt_paid, base_points=earned.points,
+                          rewards=rewards, **credited)
 
 
 def _return(command: cmd.RecordReturn, state, decided, programme, at) -> ReturnAnswer:

@@ -14,24 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple, Sequence
 import msgspec
 
 from events.codec import encode_json, from_data
 from events.envelope import Envelope
+from events import catalogue as ev
 from ledger import commands as cmd
 from ledger import settings
 from ledger.answers import JobAnswer, answer, with_position
+from ledger.campaigns import CAMPAIGNS_STREAM, CampaignBook, Spend, add_spend, decide_create, decide_end, grants_in
 from ledger.clock import Clock, system_clock
-from ledger.decide import Decided, decide
+from ledger.decide import CampaignContext, Decided, command_time, decide
 from ledger.errors import DuplicateCommand, Refusal, problem
-from ledger.programme import Programme
+from ledger.programme import PROGRAMME_STREAM, Programme, ProgrammeHistory, decide_change, decide_seed
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.store import (
     AlreadyAnswered,
@@ -40,6 +43,8 @@ from ledger.store import (
     IdentityTaken,
     NewEvent,
     ResultKey,
+    RulesChanged,
+    RulesSeen,
     StoredResult,
     WrongExpectedVersion,
 )
@@ -107,20 +112,179 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+@dataclass
+class Rules:
+    """What decides a member's command besides its state: the programme's versions, the
+    campaigns, and what each campaign has spent, as this process last read them. An append
+    says which versions it saw (``RulesSeen``); the store refuses it if they moved."""
+
+    programmes: ProgrammeHistory = field(default_factory=ProgrammeHistory)
+    campaigns: CampaignBook = field(default_factory=CampaignBook)
+    spend: dict[str, Spend] = field(default_factory=dict)
+
+    def seen(self) -> RulesSeen:
+        return RulesSeen(self.programmes.stream_version, self.campaigns.stream_version)
+
+
 class Ledger:
     def __init__(
         self, store: EventStore, programme: Programme, clock: Clock = system_clock,
-        cache_events_max: int = CACHE_EVENTS_MAX,
+        cache_events_max: int = CACHE_EVENTS_MAX, *, programme_file_given: bool = True,
     ) -> None:
         self.store = store
         self.cache_events_max = cache_events_max
-        self.programme = programme
+        # LOYALTY_PROGRAMME's (or the defaults): version 1 of an empty log. Only a file actually
+        # given replaces the version in force when it differs (CONTRACT §6.1): without one, a
+        # restart keeps the versions PUT /v1/programme made.
+        self.given_programme = programme
+        self.programme_file_given = programme_file_given
+        self._started = False
+        self.rules = Rules()
+        self._rules_lock = asyncio.Lock()
         self.clock = clock
         self._states: OrderedDict[str, MemberState] = OrderedDict()
         self._cached_events: dict[str, int] = {}  # each cached state's version when last remembered
         self._cached_events_total = 0
         self._snapshot_versions: dict[str, int] = {}
         self._locks = KeyedLocks()
+
+    # -- the rules: programme versions and campaigns ------------------------------
+
+    @property
+    def programme(self) -> Programme:
+        """The version in force now (the given programme until the log has been read)."""
+        if not self.rules.programmes.versions:
+            return self.given_programme
+        return self.rules.programmes.in_force(self.clock())
+
+    def programme_at(self, at: datetime) -> Programme:
+        return self.rules.programmes.in_force(at)
+
+    async def refresh_rules(self) -> bool:
+        """Read what the $programme and $campaigns streams and the campaign counters hold now;
+        on an empty log, seed the programme first. Whether the streams moved."""
+        async with self._rules_lock:
+            before = self.rules.seen()
+            await self._read_rules()
+            while not self._started and (seed := self._seed()) is not None:
+                try:  # at start: version 1, or the given file as the next version when it differs
+                    await self.store.append(self._rules_append(PROGRAMME_STREAM, [seed], None, "seed"))
+                except WrongExpectedVersion:
+                    pass  # another process seeded meanwhile: read it and look again
+                await self._read_rules()
+            self._started = True  # the file is compared once, at start
+            self.rules.spend = await self.store.read_campaign_spend()
+            return self.rules.seen() != before
+
+    def _seed(self) -> ev.ProgrammeChanged | None:
+        if self.rules.programmes.versions and not self.programme_file_given:
+            return None
+        return decide_seed(self.rules.programmes, self.given_programme, self.clock())
+
+    async def _ensure_rules(self) -> None:
+        if not self.rules.programmes.versions:
+            await self.refresh_rules()
+
+    async def _read_rules(self) -> None:
+        rules = self.rules
+        for envelope in await self._read_all_of(PROGRAMME_STREAM, rules.programmes.stream_version):
+            rules.programmes.evolve(fact_of(envelope).event, envelope.recorded_at, envelope.actor)
+        for envelope in await self._read_all_of(CAMPAIGNS_STREAM, rules.campaigns.stream_version):
+            rules.campaigns.evolve(fact_of(envelope).event)
+
+    async def _read_all_of(self, stream_id: str, after_version: int) -> list[Envelope]:
+        envelopes: list[Envelope] = []
+        while True:
+            page = await self.store.read_stream(stream_id, after_version=after_version)
+            envelopes += page
+            if len(page) < 10_000:
+                return envelopes
+            after_version = page[-1].stream_version
+
+    def _rules_append(self, stream_id: str, events: list[ev.Event], actor: str | None, command_id: str | None,
+                      result_keys=(), respond=None) -> Append:
+        """An append to a rules stream, at the version this process last read."""
+        known = self.rules.programmes if stream_id == PROGRAMME_STREAM else self.rules.campaigns
+        now = self.clock()
+        return Append(
+            stream_id=stream_id,
+            expected_version=known.stream_version,
+            events=[NewEvent(now, event) for event in events],
+            command_id=command_id,
+            actor=actor,
+            programme_version=self.programme.version if self.rules.programmes.versions else None,
+            result_keys=result_keys,
+            respond=respond,
+        )
+
+    async def execute_rules(
+        self, operation: str, command: cmd.Command, *, actor: str | None = None, idempotency_key: str | None = None,
+    ) -> Outcome:
+        """A change of the programme or of a campaign, exactly once (Idempotency-Key as for members)."""
+        stream_id = PROGRAMME_STREAM if isinstance(command, cmd.ChangeProgramme) else CAMPAIGNS_STREAM
+        fingerprint = request_hash(operation, stream_id, command)
+        if idempotency_key is not None:
+            stored = await self.store.stored_result(GLOBAL_SCOPE, f"idem:{idempotency_key}")
+            if stored is not None:
+                return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+        keys = [ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint)] if idempotency_key else []
+        outcome = None
+        for _attempt in range(MAX_CONFLICT_RETRIES):
+            await self.refresh_rules()
+            try:
+                event = self._decide_rules(command)
+            except Refusal as refusal:
+                outcome = _refusal_outcome(refusal)
+                break
+            body = self._rules_answer(event)
+            append = self._rules_append(
+                stream_id, [event], actor, idempotency_key, keys,
+                respond=lambda recorded, body=body: (201, encode_json({**body, "position": recorded[-1].position})),
+            )
+            try:
+                recorded = await self.store.append(append)
+            except WrongExpectedVersion:
+                continue  # the stream moved: read it and decide again
+            except AlreadyAnswered as answered:
+                stored = await self.store.stored_result(answered.stream_id, answered.command_key)
+                assert stored is not None
+                return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+            await self.refresh_rules()
+            return Outcome(*append.answer, position=recorded[-1].position)
+        if outcome is None:
+            return _refusal_outcome(Refusal(503, "contention", "the rules are being changed by many writers; retry"))
+        if idempotency_key is not None:
+            await self.store.store_result(
+                StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
+            )
+        return outcome
+
+    def _decide_rules(self, command: cmd.Command) -> ev.Event:
+        now = self.clock()
+        if isinstance(command, cmd.ChangeProgramme):
+            return decide_change(self.rules.programmes, command.settings, command.effective_from, now)
+        if isinstance(command, cmd.CreateCampaign):
+            return decide_create(self.rules.campaigns, command, now)
+        assert isinstance(command, cmd.EndCampaign)
+        return decide_end(self.rules.campaigns, command.campaign_id, command.reason, now)
+
+    def _rules_answer(self, event: ev.Event) -> dict:
+        if isinstance(event, ev.ProgrammeChanged):
+            return {"version": event.version, "effective_from": event.effective_from, "settings": event.settings}
+        book = CampaignBook(dict(self.rules.campaigns.campaigns))
+        if isinstance(event, ev.CampaignEnded):
+            book.campaigns[event.campaign_id] = dataclasses.replace(book.campaigns[event.campaign_id])
+        book.evolve(event)
+        campaign = book.campaigns[event.campaign_id]
+        return campaign.view(self.clock(), self.rules.spend.get(event.campaign_id, Spend()))
+
+    def _campaign_context(self) -> CampaignContext:
+        return CampaignContext(self.rules.campaigns, self.rules.spend)
+
+    def _note_grants(self, append: Append) -> None:
+        """Count a committed append's grants in this process's view of the budgets."""
+        for grant in append.grants:
+            self.rules.spend[grant.campaign_id] = add_spend(self.rules.spend.get(grant.campaign_id, Spend()), grant)
 
     # -- member state ----------------------------------------------------------
 
@@ -227,6 +391,9 @@ class Ledger:
             stored = await self.store.stored_result(GLOBAL_SCOPE, f"idem:{idempotency_key}")
             if stored is not None:
                 return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+        if stream_id.startswith("$"):
+            return _refusal_outcome(Refusal(422, "invalid_id", "a member id cannot start with $", field="member_id"))
+        await self._ensure_rules()
         async with self._locks.hold(stream_id):
             outcome = await self._decide_and_append(
                 operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
@@ -249,6 +416,7 @@ class Ledger:
         replay, nothing to append) or whose append fails; that command and
         the rest run one by one through ``execute``, which answers those cases.
         """
+        await self._ensure_rules()
         async with self._locks.hold(stream_id):
             outcomes = await self._append_series(stream_id, requests)
         for request in requests[len(outcomes):]:
@@ -269,13 +437,13 @@ class Ledger:
         try:
             for request in requests:
                 try:
-                    decided = decide(state, request.command, self.programme, self.clock())
+                    programme, decided = self._decide(state, request.command)
                 except (Refusal, DuplicateCommand):
                     break
                 if not decided:
                     break
                 appends.append(self._prepare_append(
-                    stream_id, state, request.command, decided, request.fingerprint, request.actor,
+                    stream_id, state, request.command, programme, decided, request.fingerprint, request.actor,
                     request.idempotency_key,
                 ))
             results = await self.store.append_series(appends) if appends else []
@@ -289,6 +457,7 @@ class Ledger:
                 # its version, so they failed too); the state holds their events.
                 self.forget(stream_id)
                 return outcomes
+            self._note_grants(append)
             outcomes.append(Outcome(*append.answer, position=recorded[-1].position))
         if appends:
             self._remember(stream_id, state)
@@ -308,9 +477,16 @@ class Ledger:
         )
         return _refusal_outcome(Refusal(status, code, detail))
 
+    def _decide(self, state: MemberState, command: cmd.Command) -> tuple[Programme, list[Decided]]:
+        """Decide by the programme version in force at the command's business time (CONTRACT §6.1)."""
+        now = self.clock()
+        programme = self.programme_at(command_time(command, now))
+        return programme, decide(state, command, programme, now, self._campaign_context())
+
     async def _decide_and_append(
         self, operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
     ) -> Outcome:
+        rules_read = False
         for attempt in range(MAX_CONFLICT_RETRIES):
             # First try: decide on the cached state without reading the log.
             # An append is safe on it, since the store checks its version under
@@ -330,10 +506,14 @@ class Ledger:
                             stream_version=state.version)
                 )
             try:
-                decided = decide(state, command, self.programme, self.clock())
+                programme, decided = self._decide(state, command)
             except Refusal as refusal:
                 if not checked:
                     continue
+                if not rules_read:  # nor may stale rules show through as a refusal
+                    rules_read = True
+                    if await self.refresh_rules():
+                        continue
                 return _refusal_outcome(refusal)
             except DuplicateCommand as duplicate:
                 if not checked:
@@ -344,10 +524,17 @@ class Ledger:
                     continue
                 return Outcome(200, encode_json(JobAnswer(appended=0)))
             try:
-                append = self._prepare_append(stream_id, state, command, decided, fingerprint, actor, idempotency_key)
+                append = self._prepare_append(
+                    stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key
+                )
                 recorded = await self.store.append(append)
             except WrongExpectedVersion:
                 self.forget(stream_id)
+                continue
+            except RulesChanged:
+                self.forget(stream_id)  # the in-place evolve has run
+                rules_read = True
+                await self.refresh_rules()
                 continue
             except IdentityTaken as taken:
                 self.forget(stream_id)
@@ -365,6 +552,7 @@ class Ledger:
                 self.forget(stream_id)  # the in-place evolve may have run
                 raise
             status, body = append.answer
+            self._note_grants(append)
             self._remember(stream_id, state)  # it grew: count its new events against the cache's bound
             try:  # the state now includes the events just appended
                 await self._maybe_snapshot(stream_id, state)
@@ -374,8 +562,8 @@ class Ledger:
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
 
     def _prepare_append(
-        self, stream_id: str, state: MemberState, command: cmd.Command, decided: list[Decided], fingerprint: str,
-        actor: str | None, idempotency_key: str | None,
+        self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme, decided: list[Decided],
+        fingerprint: str, actor: str | None, idempotency_key: str | None,
     ) -> Append:
         """The append of a decided command; evolves ``state`` with its events and builds its answer.
 
@@ -385,7 +573,7 @@ class Ledger:
         expected_version = state.version
         for offset, new in enumerate(decided, start=1):
             evolve(state, Fact(new.event, new.occurred_at, expected_version + offset))
-        body = answer(command, state, decided, self.programme)
+        body = answer(command, state, decided, programme)
         keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
         if idempotency_key is not None:
             keys.append(ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint))
@@ -395,9 +583,11 @@ class Ledger:
             events=[NewEvent(d.occurred_at, d.event) for d in decided],
             command_id=idempotency_key,
             actor=actor,
-            programme_version=self.programme.version,
+            programme_version=programme.version,
             identities=[(i.type, i.value) for i in command.identities] if isinstance(command, cmd.Enrol) else (),
             result_keys=keys,
+            rules=self.rules.seen(),
+            grants=grants_in((d.event for d in decided), self.rules.campaigns),
             respond=lambda recorded: (201, with_position(body, recorded[-1].position, recorded[-1].stream_version)),
         )
 

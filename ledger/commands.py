@@ -8,7 +8,7 @@ OpenAPI document, so the two cannot drift.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -118,6 +118,36 @@ class RecordActivity(Command, kw_only=True):
     type: Text
     ref: Id | None = None
     occurred_at: Timestamp | None = None
+
+
+# The living programme (CONTRACT §6.1, §6.2): commands on the $programme and $campaigns streams.
+CampaignId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,32}$", description="1-32 of A-Z a-z 0-9 . _ : -")]
+OptionalCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)] | None
+
+
+class ChangeProgramme(Command, kw_only=True):
+    # Checked by the domain (ledger.programme.validated), which names the setting at fault.
+    settings: dict[str, Any]
+    effective_from: Timestamp | None = None
+
+
+class CreateCampaign(Command, kw_only=True):
+    campaign_id: CampaignId
+    name: Text
+    starts_at: Timestamp
+    ends_at: Timestamp
+    # Checked by the domain (ledger.campaigns), which answers invalid_campaign naming the field.
+    conditions: dict[str, Any] = {}
+    reward: dict[str, Any]
+    budget_points: OptionalCount = None
+    budget_coupons: OptionalCount = None
+    per_member_limit: Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)] | None = None
+    per_member_period: Literal["day", "week", "month", "campaign"] = "campaign"
+
+
+class EndCampaign(Command, kw_only=True):
+    campaign_id: CampaignId = ""  # taken from the path
+    reason: Text
 
 
 # Time jobs, run per member by the job runner.

@@ -11,9 +11,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Callable, NamedTuple
 
+import msgspec
+
 from events import catalogue as ev
 from ledger import activities
 from ledger import commands as cmd
+from ledger.campaigns import CampaignBook, CouponReward, Grant, PurchaseFacts, Spend, rewards
 from ledger.errors import DuplicateCommand, Refusal, not_found
 from ledger.programme import WEEKDAYS, Programme
 from ledger.state import Bucket, MemberState
@@ -29,11 +32,33 @@ class Decided(NamedTuple):
     event: ev.Event
 
 
-def decide(state: MemberState, command: cmd.Command, programme: Programme, now: datetime) -> list[Decided]:
+class CampaignContext(NamedTuple):
+    """The campaigns a purchase may qualify for, and what each has spent (as this decision sees it)."""
+
+    book: CampaignBook
+    spend: dict[str, Spend]
+
+
+NO_CAMPAIGNS = CampaignContext(CampaignBook(), {})
+
+
+def decide(
+    state: MemberState, command: cmd.Command, programme: Programme, now: datetime,
+    campaigns: CampaignContext = NO_CAMPAIGNS,
+) -> list[Decided]:
+    """The events ``command`` causes; ``programme`` is the version in force at its business time."""
     rule = _RULES[type(command)]
     if not isinstance(command, cmd.Enrol) and not state.enrolled:
         raise not_found("member_not_found", "the member")
+    if isinstance(command, cmd.RecordPurchase):
+        return _purchase(state, command, programme, now, campaigns)
     return rule(state, command, programme, now)
+
+
+def command_time(command: cmd.Command, now: datetime) -> datetime:
+    """The business time whose programme version decides the command (CONTRACT §6.1)."""
+    given = getattr(command, "occurred_at", None) or getattr(command, "enrolled_at", None)
+    return given or getattr(command, "as_of", None) or now
 
 
 def business_time(given: datetime | None, programme: Programme, now: datetime) -> datetime:
@@ -151,7 +176,10 @@ def member_day_pct(at: datetime, programme: Programme) -> int:
     return programme.member_day.multiplier_pct if local_weekday == programme.member_day.weekday else 100
 
 
-def _purchase(state: MemberState, command: cmd.RecordPurchase, programme: Programme, now: datetime) -> list[Decided]:
+def _purchase(
+    state: MemberState, command: cmd.RecordPurchase, programme: Programme, now: datetime,
+    campaigns: CampaignContext = NO_CAMPAIGNS,
+) -> list[Decided]:
     if command.purchase_id in state.purchases:
         raise DuplicateCommand(f"purchase:{command.purchase_id}")
     at = business_time(command.occurred_at, programme, now)
@@ -179,6 +207,11 @@ def _purchase(state: MemberState, command: cmd.RecordPurchase, programme: Progra
             ),
         ),
     ]
+    facts = PurchaseFacts(command.store_id, command.amount_cents, at, tier.name, not state.purchases, points)
+    grants = rewards(
+        campaigns.book.running_at(at), campaigns.spend, state.campaign_rewards, facts, programme
+    )
+    decided += _campaign_rewards(state, command, grants, campaigns.book, decided[1].event, at, programme)
     return decided + _upgrade(state, tier, growth, command.purchase_id, at, programme)
 
 
@@ -212,6 +245,37 @@ def _activity(state: MemberState, command: cmd.RecordActivity, programme: Progra
     return decided + _upgrade(state, tier, rule.growth, command.activity_id, at, programme)
 
 
+def _campaign_rewards(
+    state: MemberState, command: cmd.RecordPurchase, grants: list[Grant], book: CampaignBook,
+    regular: ev.PointsEarned, at: datetime, programme: Programme,
+) -> list[Decided]:
+    """Each grant as points into its own bucket (pending and expiring like the purchase's, paying
+    what debt is left first) or as a coupon ``<campaign_id>-<n>`` valid from the purchase."""
+    decided, debt = [], state.debt - regular.debt_paid
+    for grant in grants:
+        campaign = book.campaigns[grant.campaign_id]
+        if grant.coupon:
+            assert isinstance(campaign.reward, CouponReward)
+            n = state.campaign_coupons.get(grant.campaign_id, 0) + 1
+            while f"{grant.campaign_id}-{n}" in state.coupons:  # an id an admin took: the next one
+                n += 1
+            coupon = _coupon_from_template(f"{grant.campaign_id}-{n}", campaign.reward, "campaign", at)
+            decided.append(Decided(at, msgspec.structs.replace(coupon, campaign_id=grant.campaign_id)))
+            continue
+        debt_paid = min(debt, grant.points)
+        debt -= debt_paid
+        bucket = _new_bucket(
+            f"c:{grant.campaign_id}:{command.purchase_id}", grant.points - debt_paid,
+            at + timedelta(days=programme.pending_days), at, programme,
+        )
+        earned = ev.PointsEarned(
+            purchase_id=command.purchase_id, points=grant.points, growth=0, tier=regular.tier,
+            tier_pct=regular.tier_pct, day_pct=regular.day_pct, debt_paid=debt_paid, bucket=bucket, campaign_id=grant.campaign_id,
+        )
+        decided.append(Decided(at, earned))
+    return decided
+
+
 def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme, now: datetime) -> list[Decided]:
     if command.return_id in state.returns:
         raise DuplicateCommand(f"return:{command.return_id}")
@@ -230,9 +294,10 @@ def _return(state: MemberState, command: cmd.RecordReturn, programme: Programme,
         )
     points = purchase.points * returned_total // purchase.amount_cents - purchase.clawed_points
     growth = purchase.growth * returned_total // purchase.amount_cents - purchase.clawed_growth
-    own = state.buckets.get(purchase.bucket_id or "")
-    sources = [(own, own.burnable(at))] if own is not None and not own.is_expired(at) else []
-    sources += [(b, allowed) for b, allowed in burnable_buckets(state, at) if b is not own]
+    # Its own buckets first: the regular one, then its campaign buckets in campaign_id order.
+    own_ids = [b for b in [purchase.bucket_id, *purchase.campaign_bucket_ids] if b in state.buckets]
+    sources = [(state.buckets[b], state.buckets[b].burnable(at)) for b in own_ids if not state.buckets[b].is_expired(at)]
+    sources += [(b, allowed) for b, allowed in burnable_buckets(state, at) if b.bucket_id not in own_ids]
     parts, shortfall = _take(sources, points)
     debt, written_off = (shortfall, 0) if programme.return_shortfall == "debt" else (0, shortfall)
     decided = [

@@ -28,6 +28,7 @@ MEMBERS_IN_FLIGHT = 16
 async def run_job(ledger, name: str, as_of: datetime, actor: str | None = None) -> dict[str, Any]:
     """Run job ``name`` for every member; returns ``{appended, position}`` (the head after it)."""
     command = JOBS[name](as_of=as_of)
+    await ledger.refresh_rules()  # a job is decided by the version in force at its as_of, as recorded now
     appended, after = 0, ""
     while member_ids := await ledger.store.stream_ids(after, MEMBERS_PER_PAGE):
         for start in range(0, len(member_ids), MEMBERS_IN_FLIGHT):

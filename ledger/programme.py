@@ -1,41 +1,57 @@
-"""The programme: every rule setting of CONTRACT §2, with its defaults.
+"""The programme: every rule setting of CONTRACT §2, with its defaults, and its versions (§6.1).
 
 A TOML file (path in ``LOYALTY_PROGRAMME``) overrides any setting. The
-programme's ``version`` is recorded in every event that applied a rule; it is
-given in the file, or derived from the file's content so that two different
-programmes never share a version silently.
+programme lives in the log (stream ``$programme``, ``programme_changed``):
+``ProgrammeHistory`` is the fold of those events, and a command is decided
+by the version in force at its business time. The ``version`` of a
+``Programme`` is its number in the log (a ``version`` in the file is ignored).
+Everything here is pure.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import re
 import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Literal
-from zoneinfo import ZoneInfo
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
+
+from events.catalogue import ProgrammeChanged
+from ledger.errors import Refusal
+
+PROGRAMME_STREAM = "$programme"
+PAST_TOLERANCE = timedelta(minutes=5)  # an effective_from this close behind now counts as now
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 
+# Every rate, day count and cap is a non-negative integer; the *_cents_per_* rates are positive.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Rate = Annotated[int, msgspec.Meta(gt=0)]
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
 class Tier(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
-    threshold: int
-    multiplier_pct: int
+    threshold: Count
+    multiplier_pct: Count
 
 
 class CouponTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     template: str
-    value_cents: int
-    min_spend_cents: int
-    valid_days: int
+    value_cents: Count
+    min_spend_cents: Count
+    valid_days: Count
 
 
 class MemberDay(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-    multiplier_pct: int
+    weekday: Weekday
+    multiplier_pct: Count
 
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -74,37 +90,38 @@ def _default_welcome_pack() -> list[CouponTemplate]:
 
 
 class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    version: int = 1
+    version: int = 1  # the version's number in the log (``ProgrammeHistory``), not a setting
     currency: str = "CNY"
     timezone: str = "Asia/Shanghai"
-    earn_cents_per_point: int = 1000
-    redeem_cents_per_point: int = 100
-    growth_cents_per_unit: int = 100
-    pending_days: int = 7
-    points_expiry_days: int = 365
+    earn_cents_per_point: Rate = 1000
+    redeem_cents_per_point: Rate = 100
+    growth_cents_per_unit: Rate = 100
+    pending_days: Count = 7
+    points_expiry_days: Count = 365
     tiers: list[Tier] = msgspec.field(default_factory=_default_tiers)
-    tier_window_days: int = 365
-    tier_hold_days: int = 365
+    tier_window_days: Count = 365
+    tier_hold_days: Count = 365
     downgrade: Literal["one_step", "to_qualified", "never"] = "one_step"
     member_day: MemberDay = MemberDay("friday", 200)
     welcome_pack: list[CouponTemplate] = msgspec.field(default_factory=_default_welcome_pack)
     birthday_coupon: CouponTemplate = CouponTemplate("BIRTHDAY50", 5000, 10000, 30)
     return_shortfall: Literal["debt", "absorb"] = "debt"
-    dormant_after_days: int = 180
-    loyal_orders_30d: int = 4
-    max_backdate_days: int = 30
+    dormant_after_days: Count = 180
+    loyal_orders_30d: Count = 4
+    max_backdate_days: Count = 30
     activities: list[Activity] = msgspec.field(default_factory=_default_activities)
 
     def __post_init__(self) -> None:
+        # Messages start with the setting's name: ``validated`` names it in invalid_programme.
         if not self.tiers or self.tiers[0].threshold != 0:
-            raise ValueError("tiers must start with a tier at threshold 0")
+            raise ValueError("tiers: must start with a tier at threshold 0")
         thresholds = [tier.threshold for tier in self.tiers]
         if thresholds != sorted(set(thresholds)):
-            raise ValueError("tier thresholds must be strictly increasing")
-        for name in ("earn_cents_per_point", "redeem_cents_per_point", "growth_cents_per_unit"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        ZoneInfo(self.timezone)  # raises on an unknown zone
+            raise ValueError("tiers: thresholds must be strictly increasing")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from None
         if len({activity.type for activity in self.activities}) != len(self.activities):
             raise ValueError("activities: each type may be listed once")
 
@@ -141,13 +158,126 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
         return self.tiers[index + 1] if index + 1 < len(self.tiers) else None
 
 
+def settings_of(programme: Programme) -> dict[str, Any]:
+    """Every setting with its value (defaults filled in): what ``programme_changed`` records."""
+    settings = msgspec.to_builtins(programme)
+    del settings["version"]
+    return settings
+
+
+_AT_SETTING = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def validated(settings: dict[str, Any], version: int = 1) -> Programme:
+    """The programme these settings make, or 422 ``invalid_programme`` naming the setting at fault."""
+    if "version" in settings:
+        raise _invalid("version", "version is not a setting: versions are counted by the log")
+    try:
+        return msgspec.convert({**settings, "version": version}, Programme)
+    except msgspec.ValidationError as error:
+        message = str(error)
+        named = _UNKNOWN_FIELD.search(message) or _AT_SETTING.search(message)
+        setting = named.group(1) if named else message.partition(":")[0]
+        raise _invalid(setting, message) from None
+
+
+def _invalid(setting: str, detail: str) -> Refusal:
+    return Refusal(422, "invalid_programme", f"{setting}: {detail}", setting=setting, field=setting)
+
+
 def load_programme(path: str | os.PathLike[str] | None = None) -> Programme:
-    """The programme from a TOML file (``Settings.programme_path``), or the defaults without one."""
+    """The programme from a TOML file (``Settings.programme_path``), or the defaults without one.
+
+    A ``version`` in the file is ignored: the log counts versions (CONTRACT §6.1).
+    """
     if not path:
         return Programme()
-    raw = Path(path).read_bytes()
-    settings = tomllib.loads(raw.decode("utf-8"))
-    if "version" not in settings:
-        # Same file, same version; any edit gives a new one.
-        settings["version"] = int.from_bytes(hashlib.sha256(raw).digest()[:3], "big") + 2
+    settings = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    settings.pop("version", None)
     return msgspec.convert(settings, Programme)
+
+
+@dataclass(frozen=True)
+class ProgrammeVersion:
+    version: int
+    effective_from: datetime | None  # None: in force for all time before the next version
+    programme: Programme
+    recorded_at: datetime | None = None
+    actor: str | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return settings_of(self.programme)
+
+    def view(self) -> dict[str, Any]:
+        return {"version": self.version, "effective_from": self.effective_from, "settings": self.settings}
+
+
+@dataclass
+class ProgrammeHistory:
+    """The fold of the ``$programme`` stream: every version, in log order."""
+
+    versions: list[ProgrammeVersion] = field(default_factory=list)
+
+    @property
+    def stream_version(self) -> int:
+        return len(self.versions)
+
+    @property
+    def latest(self) -> ProgrammeVersion | None:
+        return self.versions[-1] if self.versions else None
+
+    def evolve(self, event: ProgrammeChanged, recorded_at: datetime | None = None, actor: str | None = None) -> None:
+        programme = msgspec.convert({**event.settings, "version": event.version}, Programme)
+        self.versions.append(ProgrammeVersion(event.version, event.effective_from, programme, recorded_at, actor))
+
+    def version_at(self, at: datetime) -> ProgrammeVersion:
+        """The version in force at ``at``: of those effective at or before it, the latest effective,
+        and of equal ``effective_from`` the later recorded (CONTRACT §6.1)."""
+        assert self.versions, "the programme is seeded before any command is decided"
+        best = None
+        for candidate in self.versions:
+            if candidate.effective_from is not None and candidate.effective_from > at:
+                continue
+            if best is None or _effective_key(candidate) >= _effective_key(best):
+                best = candidate
+        return best or self.versions[0]
+
+    def in_force(self, at: datetime) -> Programme:
+        return self.version_at(at).programme
+
+
+def _effective_key(version: ProgrammeVersion) -> tuple[datetime, int]:
+    return (version.effective_from or datetime.min.replace(tzinfo=timezone.utc), version.version)
+
+
+
+def decide_seed(history: ProgrammeHistory, given: Programme, now: datetime):
+    """What the start appends: version 1 on an empty log; the given programme as the next version,
+    effective now, when it differs from the version in force now; else nothing."""
+    settings = settings_of(given)
+    if history.latest is None:
+        return ProgrammeChanged(version=1, effective_from=None, settings=settings)
+    if history.version_at(now).settings == settings:
+        return None
+    return ProgrammeChanged(version=history.latest.version + 1, effective_from=now, settings=settings)
+
+
+def decide_change(history: ProgrammeHistory, changes: dict[str, Any], effective_from: datetime | None, now: datetime):
+    """``PUT /v1/programme``: each setting named replaces that whole setting of the latest version;
+    settings are checked before ``effective_from`` (CONTRACT §6.1)."""
+    latest = history.latest
+    assert latest is not None, "the programme is seeded at start"
+    programme = validated({**latest.settings, **changes}, latest.version + 1)
+    effective_from = effective_from or now
+    if effective_from < now - PAST_TOLERANCE:
+        raise Refusal(422, "effective_from_in_past", "effective_from is before now", field="effective_from")
+    if latest.effective_from is not None and effective_from < latest.effective_from:
+        raise Refusal(
+            422,
+            "effective_from_in_past",
+            f"effective_from is before the latest version's ({latest.effective_from.isoformat()})",
+            field="effective_from",
+        )
+    return ProgrammeChanged(version=programme.version, effective_from=effective_from, settings=settings_of(programme))

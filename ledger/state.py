@@ -94,6 +94,9 @@ class Purchase:
     points: int = 0
     growth: int = 0
     bucket_id: str | None = None
+    # Its campaign buckets (c:<campaign_id>:<purchase_id>), in campaign_id order: a return takes
+    # from the regular bucket, then these (CONTRACT §6.2).
+    campaign_bucket_ids: list[str] = field(default_factory=list)
     returned_cents: int = 0
     clawed_points: int = 0
     clawed_growth: int = 0
@@ -188,6 +191,9 @@ class MemberState:
     upgrades: list[Upgrade] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     last_purchase_at: datetime | None = None
+    # Per campaign: the occurred_at of each reward (per-member limits), and its coupons (their ids).
+    campaign_rewards: dict[str, list[datetime]] = field(default_factory=dict)
+    campaign_coupons: dict[str, int] = field(default_factory=dict)
     latest_occurred_at: datetime | None = None  # as-of reads after it need no refold
 
     @property
@@ -268,10 +274,17 @@ def _points_earned(state: MemberState, event: ev.PointsEarned, fact: Fact) -> No
             _credit_bucket(state, event.bucket, event.activity_id, fact)
         return
     purchase = state.purchases[event.purchase_id]
-    purchase.points = event.points
-    purchase.growth = event.growth
+    # What a return claws from: the regular points plus every campaign's.
+    purchase.points += event.points
+    if event.campaign_id is not None:
+        state.campaign_rewards.setdefault(event.campaign_id, []).append(fact.occurred_at)
+        if event.bucket is not None:
+            purchase.campaign_bucket_ids.append(event.bucket.bucket_id)
+    else:
+        purchase.growth = event.growth
+        if event.bucket is not None:
+            purchase.bucket_id = event.bucket.bucket_id
     if event.bucket is not None:
-        purchase.bucket_id = event.bucket.bucket_id
         _credit_bucket(state, event.bucket, event.purchase_id, fact)
 
 
@@ -373,6 +386,9 @@ def _coupon_issued(state: MemberState, event: ev.CouponIssued, fact: Fact) -> No
         points_cost=event.points_cost,
         issued_at=fact.occurred_at,
     )
+    if event.campaign_id is not None:
+        state.campaign_rewards.setdefault(event.campaign_id, []).append(fact.occurred_at)
+        state.campaign_coupons[event.campaign_id] = state.campaign_coupons.get(event.campaign_id, 0) + 1
     if event.buckets:
         _burn(state, event.buckets, event.unexpired, fact)
         state.totals.redeemed += event.points_cost

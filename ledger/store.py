@@ -22,7 +22,9 @@ from events.catalogue import Event, event_type
 from events.codec import GENESIS_HASH, canonical_bytes, chain_hash, encode_json, to_data
 from events.envelope import Envelope
 from events.upcasting import current_version
+from ledger.campaigns import CAMPAIGNS_STREAM, Grant, Spend, add_spend, grant_holds
 from ledger.clock import Clock, system_clock
+from ledger.programme import PROGRAMME_STREAM
 
 log = logging.getLogger("loyalty.store")
 
@@ -49,6 +51,22 @@ class IdentityTaken(Exception):
         self.identity_type = identity_type
         self.value = value
         self.owner = owner
+
+
+class RulesChanged(Exception):
+    """The programme or the campaigns changed, or a campaign's budget moved, since the decision."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} changed since the command was decided")
+        self.what = what
+
+
+class RulesSeen(NamedTuple):
+    """The versions of the $programme and $campaigns streams a decision saw (checked on append)."""
+
+    programme_version: int
+    campaigns_version: int
+
 
 
 class NewEvent(NamedTuple):
@@ -101,6 +119,9 @@ class Append:
     identities: Sequence[tuple[str, str]] = ()
     result_keys: Sequence[ResultKey] = ()
     respond: Respond | None = None
+    # A member's command: the rules its decision saw, and the campaign rewards it grants.
+    rules: RulesSeen | None = None
+    grants: Sequence[Grant] = ()
     # Filled in by the store:
     recorded: list[Envelope] = field(default_factory=list)
     answer: tuple[int, bytes] = (201, b"{}")
@@ -108,7 +129,7 @@ class Append:
 
 
 # What ``append_many`` reports for one command while the others commit.
-_APPEND_REFUSALS = (WrongExpectedVersion, IdentityTaken, AlreadyAnswered)
+_APPEND_REFUSALS = (WrongExpectedVersion, IdentityTaken, AlreadyAnswered, RulesChanged)
 # Failures of the connection or the server, not of one command: retrying each
 # command alone would only fail each again (and after a cut connection whether
 # the COMMIT landed is unknown).
@@ -156,12 +177,14 @@ def envelope_from_row(row: asyncpg.Record) -> Envelope:
 
 
 async def insert_events(conn: asyncpg.Connection, rows: list[Envelope]) -> None:
-    """Insert sealed envelopes with one binary COPY (appends and imports alike).
+    """Insert sealed envelopes with one binary COPY (appends and imports alike), and count what
+    they grant for campaigns (``campaign_spend``).
 
     COPY, not INSERT ... SELECT FROM unnest(arrays): asyncpg checks every
     array element for being a nested array (an ABC isinstance each), which
     cost more than the rest of the insert (bench/README.md).
     """
+    await _count_campaign_spend(conn, rows)
     await conn.copy_records_to_table(
         "events",
         columns=_EVENT_COLUMNS,
@@ -170,6 +193,45 @@ async def insert_events(conn: asyncpg.Connection, rows: list[Envelope]) -> None:
              r.command_id, r.actor, r.programme_version, encode_json(r.data).decode(), r.hash)
             for r in rows
         ],
+    )
+
+
+def campaign_rewards_of(rows: Sequence[Envelope]) -> tuple[dict[str, Spend], set[tuple[str, str]]]:
+    """What these events grant, per campaign (points, coupons), and the (campaign, member) pairs rewarded."""
+    spend: dict[str, Spend] = {}
+    rewarded: set[tuple[str, str]] = set()
+    for row in rows:
+        if row.type not in ("points_earned", "coupon_issued"):
+            continue
+        campaign_id = row.data.get("campaign_id")
+        if campaign_id is not None:
+            points, coupons = (row.data["points"], 0) if row.type == "points_earned" else (0, 1)
+            before = spend.get(campaign_id, Spend())
+            spend[campaign_id] = Spend(before.points + points, before.coupons + coupons)
+            rewarded.add((campaign_id, row.stream_id))
+    return spend, rewarded
+
+
+async def _count_campaign_spend(conn: asyncpg.Connection, rows: Sequence[Envelope]) -> None:
+    """Add the rows' grants to ``campaign_spend``, counting a member once per campaign (``campaign_spend_members``)."""
+    spend, rewarded = campaign_rewards_of(rows)
+    if not spend:
+        return
+    campaign_ids = sorted(spend)
+    pairs = sorted(rewarded)
+    await conn.execute(
+        """WITH added AS (
+               INSERT INTO campaign_spend_members (campaign_id, stream_id) SELECT * FROM unnest($4::text[], $5::text[])
+               ON CONFLICT DO NOTHING RETURNING campaign_id),
+           counted AS (SELECT campaign_id, count(*) AS members FROM added GROUP BY campaign_id)
+           INSERT INTO campaign_spend AS s (campaign_id, points, coupons, members)
+           SELECT g.campaign_id, g.points, g.coupons, coalesce(counted.members, 0)
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(campaign_id, points, coupons)
+           LEFT JOIN counted USING (campaign_id)
+           ON CONFLICT (campaign_id) DO UPDATE SET points = s.points + excluded.points,
+               coupons = s.coupons + excluded.coupons, members = s.members + excluded.members""",
+        campaign_ids, [spend[c].points for c in campaign_ids], [spend[c].coupons for c in campaign_ids],
+        [c for c, _ in pairs], [m for _, m in pairs],
     )
 
 
@@ -250,10 +312,12 @@ class EventStore:
                 # the round trips under the head lock are what limit throughput.
                 answered = await self._answered_keys(conn, appends)
                 versions = await self._stream_versions(conn, appends)
+                spend = await self._campaign_spend(conn, appends)
                 for append in appends:
                     append.recorded, append.results = [], []  # an append retried alone (GroupCommit) starts afresh
                     try:
                         self._check_and_reserve(append, answered, versions)
+                        _check_rules(append, versions, spend)
                         if append.identities:
                             async with conn.transaction():  # a savepoint: a taken identity undoes this command's links only
                                 await self._link_identities(conn, append)
@@ -297,14 +361,34 @@ class EventStore:
         return {(row["stream_id"], row["command_key"]) for row in rows}
 
     async def _stream_versions(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, int]:
-        """Each of the batch's streams' current version (0 for a new stream)."""
+        """Each of the batch's streams' current version (0 for a new stream); and the rules'
+        streams' when a command of the batch was decided on them."""
+        streams = {append.stream_id for append in appends}
+        if any(append.rules is not None for append in appends):
+            streams |= {PROGRAMME_STREAM, CAMPAIGNS_STREAM}
         rows = await conn.fetch(
             """SELECT s.stream_id, coalesce((SELECT max(e.stream_version) FROM events e
                                              WHERE e.stream_id = s.stream_id), 0) AS version
                FROM unnest($1::text[]) AS s(stream_id)""",
-            list({append.stream_id for append in appends}),
+            list(streams),
         )
         return {row["stream_id"]: row["version"] for row in rows}
+
+    async def _campaign_spend(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, Spend]:
+        """What the campaigns the batch grants from have spent, read under the head lock."""
+        campaign_ids = list({grant.campaign_id for append in appends for grant in append.grants})
+        if not campaign_ids:
+            return {}
+        return await self.read_campaign_spend(conn, campaign_ids)
+
+    async def read_campaign_spend(self, conn=None, campaign_ids: Sequence[str] | None = None) -> dict[str, Spend]:
+        """Every campaign's spend so far (or these campaigns')."""
+        rows = await (conn or self.pool).fetch(
+            """SELECT campaign_id, points, coupons, members FROM campaign_spend
+               WHERE $1::text[] IS NULL OR campaign_id = ANY($1::text[])""",
+            campaign_ids,
+        )
+        return {row["campaign_id"]: Spend(row["points"], row["coupons"], row["members"]) for row in rows}
 
     def _check_and_reserve(self, append: Append, answered: set[tuple[str, str]], versions: dict[str, int]) -> None:
         # Every appender holds the head lock while ``answered`` and ``versions``
@@ -422,7 +506,7 @@ class EventStore:
         """Members in id order (for jobs and replays), paged by id."""
         rows = await self.pool.fetch(
             """SELECT stream_id FROM events WHERE stream_version = 1 AND stream_id > $1
-               ORDER BY stream_id LIMIT $2""",
+               AND stream_id NOT LIKE '$%' ORDER BY stream_id LIMIT $2""",
             after,
             limit,
         )
@@ -572,6 +656,21 @@ class EventStore:
             head_hash=head_hash,
             first_bad_position=first_bad,
         )
+
+
+def _check_rules(append: Append, versions: dict[str, int], spend: dict[str, Spend]) -> None:
+    """The rules the decision saw are still the rules, and each grant still fits its budget with
+    what the campaign has spent now (this batch's earlier appends included); then reserve it."""
+    if append.rules is not None:
+        if append.rules.programme_version != versions[PROGRAMME_STREAM]:
+            raise RulesChanged(PROGRAMME_STREAM)
+        if append.rules.campaigns_version != versions[CAMPAIGNS_STREAM]:
+            raise RulesChanged(CAMPAIGNS_STREAM)
+    for grant in append.grants:
+        if not grant_holds(grant, spend.get(grant.campaign_id, Spend())):
+            raise RulesChanged(f"the budget of campaign {grant.campaign_id}")
+    for grant in append.grants:
+        spend[grant.campaign_id] = add_spend(spend.get(grant.campaign_id, Spend()), grant)
 
 
 class GroupCommit:

@@ -98,7 +98,8 @@ def rolling_growth(state: MemberState, at: datetime, programme: Programme) -> in
 
 
 def current_tier(state: MemberState, programme: Programme) -> str:
-    return state.tier or programme.lowest_tier.name
+    """The member's tier; one the programme version does not name counts as its lowest (CONTRACT §6.1)."""
+    return programme.tier(state.tier).name if state.tier else programme.lowest_tier.name
 
 
 def tier_view(state: MemberState, at: datetime, programme: Programme) -> TierView:

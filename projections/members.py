@@ -202,7 +202,10 @@ def _purchase_recorded(rows: _Batch, envelope: FeedEnvelope, event: ev.PurchaseR
 def _points_earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
     if event.purchase_id is not None:
         purchase = _purchase(rows, envelope, event.purchase_id)
-        purchase["points"], purchase["growth"] = event.points, event.growth
+        if event.campaign_id is None:
+            purchase["points"], purchase["growth"] = event.points, event.growth
+        else:  # a campaign's reward: the purchase's earned (what returns claw from) includes it
+            purchase["points"] += event.points
     summary = _summary(rows, envelope)
     summary["lifetime_earned"] += event.points
     summary["debt"] -= event.debt_paid

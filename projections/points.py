@@ -43,7 +43,10 @@ EVENT_TYPES = frozenset(
         "coupon_issued",
     }
 )
-KINDS = ("earn", "activity", "referral", "clawback", "redeem", "redeem_reversal", "coupon_purchase", "adjust", "expire")
+KINDS = (
+    "earn", "campaign", "activity", "referral", "clawback", "redeem", "redeem_reversal", "coupon_purchase", "adjust",
+    "expire",
+)
 
 BUCKET_COLUMNS = (
     "stream_id", "bucket_id", "ref", "occurred_at", "available_at", "expires_at", "amount", "remaining", "position",
@@ -178,7 +181,12 @@ def _burned(rows: _Batch, envelope: FeedEnvelope, kind: str, event, ref: str, re
 
 
 def _earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
-    kind, ref, reason = ("activity", event.activity_id, "activity") if event.activity_id else ("earn", event.purchase_id, "purchase")
+    if event.activity_id:
+        kind, ref, reason = "activity", event.activity_id, "activity"
+    elif event.campaign_id is not None:
+        kind, ref, reason = "campaign", event.purchase_id, f"campaign {event.campaign_id}"
+    else:
+        kind, ref, reason = "earn", event.purchase_id, "purchase"
     if event.bucket is not None:
         rows.credit(envelope, event.bucket, ref)
         rows.line(envelope, kind, event.bucket.amount, event.bucket.bucket_id, ref, reason)
@@ -248,7 +256,7 @@ async def ledger_page(conn, stream_id: str, after_line: int, limit: int, target:
 
 # Lifetime totals as sums of trail lines by kind (expiry lines are read from dates instead).
 _TOTAL_SIGNS = {
-    "earned": {"earn": 1, "activity": 1, "referral": 1},
+    "earned": {"earn": 1, "campaign": 1, "activity": 1, "referral": 1},
     "clawed": {"clawback": -1},
     "adjusted": {"adjust": 1},
     "redeemed": {"redeem": -1, "coupon_purchase": -1, "redeem_reversal": -1},

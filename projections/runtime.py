@@ -50,13 +50,13 @@ from ledger.clock import Clock, system_clock
 from ledger.database import SCHEMA_LOCK_KEY
 from ledger.programme import Programme
 from ledger.store import NOTIFY_CHANNEL
-from projections import coupons, liability, members, points
+from projections import campaigns, coupons, liability, members, points
 from projections.feed import SharedFeed, read_window
 from projections.tables import SHADOW_SUFFIX, Target, live, shadow
 
 log = logging.getLogger("loyalty.projections")
 
-PROJECTIONS: dict[str, ModuleType] = {m.NAME: m for m in (members, points, coupons, liability)}
+PROJECTIONS: dict[str, ModuleType] = {m.NAME: m for m in (members, points, coupons, liability, campaigns)}
 
 # A live batch's events become visible to readers (min_position) when it commits, so live batches
 # stay small; a catch-up of the four over 1M events ran as fast with 1,000 as with 5,000.

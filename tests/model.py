@@ -28,13 +28,26 @@ what they undo (422 ``occurred_at_before_original``). "Never overdraws" holds
 in every as-of view: a burn dated ``at`` takes from a bucket at most what the
 bucket holds in the emptiest view from ``at`` on, and less today's debt; a
 late burn of points the expire job already recorded takes that record back.
+
+Programme versions and campaigns (CONTRACT §6.1, §6.2), from the contract's
+text too: a version is in force from its ``effective_from`` (the latest
+effective, then the latest recorded, wins); a command is decided by the
+version in force at its business time. A campaign rewards a purchase dated
+in its window (and before it was ended) whose conditions all hold, in
+campaign id order, within its per-member limit and its budget (the last
+reward cut to what is left). Its points go into ``c:<campaign>:<purchase>``,
+pending and expiring like the purchase's; its coupons are
+``<campaign>-<n>``. A return claws from the purchase's own buckets first:
+the regular one, then the campaign ones in campaign id order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
+
+import msgspec
 
 from ledger.programme import Programme
 
@@ -81,6 +94,7 @@ class Purchase:
     clawed_points: int = 0
     clawed_growth: int = 0
     growth_returns: list[tuple[datetime, int]] = field(default_factory=list)
+    campaign_buckets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,10 +144,32 @@ class Member:
     activities: dict[str, Activity] = field(default_factory=dict)
     coupons: dict[str, Coupon] = field(default_factory=dict)
     times: list[datetime] = field(default_factory=list)  # occurred_at of everything recorded, log order
+    rewarded: dict[str, list[datetime]] = field(default_factory=dict)  # campaign -> occurred_at of its rewards
+    campaign_coupons: dict[str, int] = field(default_factory=dict)
 
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+
+@dataclass
+class Campaign:
+    campaign_id: str
+    starts_at: datetime
+    ends_at: datetime
+    conditions: dict
+    reward: dict
+    budget_points: int | None
+    budget_coupons: int | None
+    per_member_limit: int | None
+    per_member_period: str
+    ended_at: datetime | None = None
+    points: int = 0  # granted so far
+    coupons: int = 0
+    ran_out: bool = False  # a reward was cut or withheld by a budget
+
+
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _upto(at: datetime, limit: datetime | None) -> bool:
@@ -146,6 +182,124 @@ class Model:
         self.now = now
         self.zone = ZoneInfo(programme.timezone)
         self.members: dict[str, Member] = {}
+        self.versions: list[tuple[datetime | None, Programme]] = [(None, programme)]
+        self.campaigns: dict[str, Campaign] = {}
+
+    # -- programme versions and campaigns ----------------------------------------
+
+    def programme_at(self, at: datetime) -> Programme:
+        """The latest effective version at ``at``; of equal effective_from, the later one."""
+        effective = [(eff or EARLIEST, n, p) for n, (eff, p) in enumerate(self.versions) if eff is None or eff <= at]
+        return max(effective, key=lambda v: (v[0], v[1]))[2]
+
+    def change_programme(self, settings: dict, effective_from: datetime | None = None):
+        latest_from, latest = self.versions[-1]
+        merged = {**msgspec.to_builtins(latest), **settings}
+        effective_from = effective_from or self.now
+        if effective_from < self.now - FUTURE_TOLERANCE or (latest_from is not None and effective_from < latest_from):
+            return Refused(422, "effective_from_in_past")
+        self.versions.append((effective_from, msgspec.convert(merged, Programme)))
+        return {"version": len(self.versions)}
+
+    def create_campaign(self, body: dict):
+        if body["campaign_id"] in self.campaigns:
+            return Refused(409, "campaign_exists")
+        reward = body["reward"]
+        if reward["kind"] == "multiplier" and reward["multiplier_pct"] <= 100:
+            return Refused(422, "invalid_campaign")
+        if not body["starts_at"] < body["ends_at"]:
+            return Refused(422, "invalid_window")
+        if body["starts_at"] < self.now - FUTURE_TOLERANCE:
+            return Refused(422, "starts_at_in_past")
+        fields = ("budget_points", "budget_coupons", "per_member_limit")
+        self.campaigns[body["campaign_id"]] = Campaign(
+            body["campaign_id"], body["starts_at"], body["ends_at"], body.get("conditions", {}), reward,
+            *(body.get(name) for name in fields), body.get("per_member_period", "campaign"),
+        )
+        return {"campaign_id": body["campaign_id"]}
+
+    def end_campaign(self, campaign_id: str):
+        c = self.campaigns.get(campaign_id)
+        if c is None:
+            return Refused(404, "campaign_not_found")
+        if c.ended_at is not None:
+            return Refused(409, "campaign_ended")
+        c.ended_at = self.now
+        return {"campaign_id": campaign_id}
+
+    def _period(self, at: datetime, period: str) -> tuple:
+        local = at.astimezone(self.zone)
+        return {
+            "day": (local.year, local.month, local.day),
+            "week": tuple(local.isocalendar())[:2],
+            "month": (local.year, local.month),
+            "campaign": (),
+        }[period]
+
+    def _qualifies(self, c: Campaign, m: Member, store_id: str, amount_cents: int, at: datetime, tier: str,
+                   first: bool) -> bool:
+        if not (c.starts_at <= at < c.ends_at) or (c.ended_at is not None and at >= c.ended_at):
+            return False
+        cond = c.conditions
+        weekday = WEEKDAY_NAMES[at.astimezone(self.zone).weekday()]
+        if cond.get("store_ids") is not None and store_id not in cond["store_ids"]:
+            return False
+        if cond.get("tiers") is not None and tier not in cond["tiers"]:
+            return False
+        if cond.get("weekdays") is not None and weekday not in cond["weekdays"]:
+            return False
+        if cond.get("min_amount_cents") is not None and amount_cents < cond["min_amount_cents"]:
+            return False
+        if cond.get("first_purchase_only") and not first:
+            return False
+        if c.per_member_limit is not None:
+            period = self._period(at, c.per_member_period)
+            taken = [t for t in m.rewarded.get(c.campaign_id, []) if self._period(t, c.per_member_period) == period]
+            if len(taken) >= c.per_member_limit:
+                return False
+        return True
+
+    def _campaign_rewards(self, m: Member, purchase: Purchase, store_id: str, tier: str, first: bool,
+                          p: Programme) -> list[tuple[str, int, str | None]]:
+        rewards = []
+        at = purchase.at
+        for c in sorted(self.campaigns.values(), key=lambda c: c.campaign_id.encode()):
+            if not self._qualifies(c, m, store_id, purchase.amount_cents, at, tier, first):
+                continue
+            reward = c.reward
+            if reward["kind"] == "coupon":
+                if c.budget_coupons is not None and c.coupons >= c.budget_coupons:
+                    c.ran_out = True
+                    continue
+                n = m.campaign_coupons.get(c.campaign_id, 0) + 1
+                while f"{c.campaign_id}-{n}" in m.coupons:
+                    n += 1
+                coupon_id = f"{c.campaign_id}-{n}"
+                m.campaign_coupons[c.campaign_id] = m.campaign_coupons.get(c.campaign_id, 0) + 1
+                expires_at = at + timedelta(hours=24 * reward["valid_days"])
+                m.coupons[coupon_id] = Coupon(coupon_id, at, at, expires_at, reward["min_spend_cents"])
+                c.coupons += 1
+                m.rewarded.setdefault(c.campaign_id, []).append(at)
+                rewards.append((c.campaign_id, 0, coupon_id))
+                continue
+            if reward["kind"] == "multiplier":
+                full = purchase.points * (reward["multiplier_pct"] - 100) // 100
+            else:
+                full = reward["points"]
+            granted = full if c.budget_points is None else min(full, c.budget_points - c.points)
+            if granted < full:
+                c.ran_out = True
+            if granted <= 0:
+                continue
+            bucket_id = f"c:{c.campaign_id}:{purchase.purchase_id}"
+            self._credit(m, bucket_id, at, at + timedelta(days=p.pending_days), granted, p)
+            purchase.campaign_buckets.append(bucket_id)
+            m.totals.append((at, "earned", granted))
+            c.points += granted
+            m.rewarded.setdefault(c.campaign_id, []).append(at)
+            rewards.append((c.campaign_id, granted, None))
+        purchase.points += sum(granted for _, granted, _ in rewards)
+        return rewards
 
     # -- helpers -----------------------------------------------------------------
 
@@ -224,14 +378,14 @@ class Model:
     def _bucket(self, m: Member, bucket_id: str) -> Bucket:
         return next(b for b in m.buckets if b.bucket_id == bucket_id)
 
-    def _credit(self, m: Member, bucket_id: str, at: datetime, available_at: datetime, points: int) -> int:
+    def _credit(self, m: Member, bucket_id: str, at: datetime, available_at: datetime, points: int, p: Programme) -> int:
         """A credit pays debt first; the rest (if any) becomes a bucket. Returns the debt paid."""
         paid = min(max(self.debt_of(m), 0), points)
         if paid:
             m.debt.append((at, -paid))
         if points - paid > 0:
             m.buckets.append(
-                Bucket(bucket_id, at, available_at, at + timedelta(days=self.p.points_expiry_days), points - paid, m.next_seq())
+                Bucket(bucket_id, at, available_at, at + timedelta(days=p.points_expiry_days), points - paid, m.next_seq())
             )
         return paid
 
@@ -285,7 +439,8 @@ class Model:
         self._note(m, at)
         return {"coupons": ids}
 
-    def purchase(self, member_id: str, purchase_id: str, amount_cents: int, occurred_at: datetime | None = None):
+    def purchase(self, member_id: str, purchase_id: str, amount_cents: int, occurred_at: datetime | None = None,
+                 store_id: str = "s1"):
         m = self._member(member_id)
         if isinstance(m, Refused):
             return m
@@ -294,18 +449,30 @@ class Model:
         at = self._time(occurred_at)
         if isinstance(at, Refused):
             return at
+        p = self.programme_at(at)
         tier, hold = self.tier_now(m)
         tier_pct = self.p.tiers[self._tier_index(tier)].multiplier_pct
         weekday = WEEKDAY_NAMES[at.astimezone(self.zone).weekday()]
-        day_pct = self.p.member_day.multiplier_pct if weekday == self.p.member_day.weekday else 100
-        points = amount_cents * tier_pct * day_pct // (self.p.earn_cents_per_point * 100 * 100)
+        day_pct = p.member_day.multiplier_pct if weekday == p.member_day.weekday else 100
+        points = amount_cents * tier_pct * day_pct // (p.earn_cents_per_point * 100 * 100)
         growth = amount_cents // self.p.growth_cents_per_unit
-        m.purchases[purchase_id] = Purchase(purchase_id, at, amount_cents, points, growth)
+        first = not m.purchases
+        purchase = m.purchases[purchase_id] = Purchase(purchase_id, at, amount_cents, points, growth)
         m.totals.append((at, "earned", points))
-        paid = self._credit(m, f"p:{purchase_id}", at, at + timedelta(days=self.p.pending_days), points)
+        paid = self._credit(m, f"p:{purchase_id}", at, at + timedelta(days=p.pending_days), points, p)
+        debt_before = self.debt_of(m)
+        rewards = self._campaign_rewards(m, purchase, store_id, tier, first, p)
+        paid += debt_before - self.debt_of(m)
         self._upgrade(m, at, tier, hold, purchase_id)
         self._note(m, at)
-        return {"points": points, "growth": growth, "tier": self.tier_now(m)[0], "debt_paid": paid}
+        return {
+            "points": purchase.points,
+            "base_points": points,
+            "rewards": rewards,
+            "growth": growth,
+            "tier": self.tier_now(m)[0],
+            "debt_paid": paid,
+        }
 
     def activity(self, member_id: str, activity_id: str, activity_type: str, occurred_at: datetime | None = None):
         """CONTRACT §6.3: programme points at once (no multiplier), growth, caps by local day and in all."""
@@ -357,8 +524,9 @@ class Model:
         p.clawed_growth += growth
         p.growth_returns.append((at, growth))
         m.returns.add(return_id)
-        own = [(b, self.allowed(m, b, at)) for b in m.buckets if b.bucket_id == f"p:{purchase_id}" and at < b.expires_at]
-        others = [(b, n) for (b, n) in self._available_buckets(m, at) if b.bucket_id != f"p:{purchase_id}"]
+        own_ids = [f"p:{purchase_id}", *p.campaign_buckets]  # the regular bucket, then the campaigns' in id order
+        own = [(b, self.allowed(m, b, at)) for i in own_ids for b in m.buckets if b.bucket_id == i and at < b.expires_at]
+        others = [(b, n) for (b, n) in self._available_buckets(m, at) if b.bucket_id not in own_ids]
         parts, shortfall = self._take(own + others, points)
         self._burn(m, at, parts)
         written_off = 0
@@ -440,7 +608,7 @@ class Model:
             return at
         paid = 0
         if points > 0:
-            paid = self._credit(m, f"a:{adjustment_id}", at, at, points)
+            paid = self._credit(m, f"a:{adjustment_id}", at, at, points, self.programme_at(at))
         else:
             if -points > self.spendable(member_id, at):
                 return Refused(409, "insufficient_points")

@@ -245,7 +245,7 @@ def replayed_balances(events: list[dict], as_of) -> dict[str, dict]:
     facts: dict[str, list] = {}
     for event in events:
         envelope = msgspec.convert(event, Envelope)
-        if envelope.occurred_at <= as_of:
+        if envelope.occurred_at <= as_of and not envelope.stream_id.startswith("$"):  # $programme, $campaigns
             facts.setdefault(envelope.stream_id, []).append(fact_of(envelope))
     return {stream: msgspec.to_builtins(balance(fold(stream_facts), as_of)) for stream, stream_facts in facts.items()}
 

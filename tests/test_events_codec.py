@@ -29,6 +29,9 @@ def strategy_for(hint):
         return amounts
     if hint is str:
         return st.text(max_size=30)
+    if origin is dict:  # programme settings, campaign conditions: JSON objects
+        json_values = st.one_of(st.none(), st.booleans(), amounts, st.text(max_size=10))
+        return st.dictionaries(st.text(max_size=10), json_values, max_size=4)
     if origin in (typing.Union, types.UnionType):
         return st.one_of(*(strategy_for(arg) for arg in args))
     if origin is list:

@@ -55,6 +55,7 @@ class AppDriver(Driver):
         self.run, self.pool = self.database.run, self.database.pool
         self.ledger = Ledger(EventStore(self.pool, self.clock), self.programme, self.clock)
         self.database.start_group_commit(self.ledger.store)
+        self.run(self.ledger.refresh_rules())  # the programme's version 1, as the service's start appends it
 
     def close(self) -> None:
         self.database.close(self.ledger.store)
@@ -87,9 +88,39 @@ class AppDriver(Driver):
             return {"coupons": [coupon["coupon_id"] for coupon in out["coupons"]]}
         return out
 
-    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None):
-        command = cmd.RecordPurchase(purchase_id=purchase_id, store_id="s1", amount_cents=amount_cents, occurred_at=occurred_at)
-        return self._execute("purchase", member_id, command)
+    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None, store_id="s1"):
+        command = cmd.RecordPurchase(purchase_id=purchase_id, store_id=store_id, amount_cents=amount_cents, occurred_at=occurred_at)
+        out = self._execute("purchase", member_id, command)
+        if isinstance(out, dict):
+            out["rewards"] = [(r["campaign_id"], r["points"], r["coupon_id"]) for r in out["rewards"]]
+        return out
+
+    def _rules(self, operation: str, command: cmd.Command):
+        """A rules command with a fresh key, then again with it: one effect, one answer."""
+        key = f"k{next(self.keys)}"
+        first = self.run(self.ledger.execute_rules(operation, command, actor="state-machine", idempotency_key=key))
+        head = self.run(self.ledger.store.head())
+        again = self.run(self.ledger.execute_rules(operation, command, actor="state-machine", idempotency_key=key))
+        assert (again.status, again.body, again.replayed) == (first.status, first.body, True), (operation, first, again)
+        assert self.run(self.ledger.store.head()) == head, "a replay with the same key appended"
+        body = msgspec.json.decode(first.body)
+        return Refused(first.status, body["code"], body.get("reason")) if first.status >= 400 else body
+
+    def change_programme(self, settings, effective_from=None):
+        return self._rules("programme", cmd.ChangeProgramme(settings=settings, effective_from=effective_from))
+
+    def create_campaign(self, body):
+        return self._rules("campaign_create", msgspec.convert(body, cmd.CreateCampaign))
+
+    def end_campaign(self, campaign_id):
+        return self._rules("campaign_end", cmd.EndCampaign(campaign_id=campaign_id, reason="state machine"))
+
+    def campaign_spend(self, campaign_id):
+        spent = self.run(self.ledger.store.read_campaign_spend()).get(campaign_id)
+        return (spent.points, spent.coupons) if spent is not None else (0, 0)
+
+    def log_version(self):
+        return self.run(self.ledger.store.head())[0]
 
     def activity(self, member_id, activity_id, activity_type, occurred_at=None):
         command = cmd.RecordActivity(activity_id=activity_id, type=activity_type, occurred_at=occurred_at)

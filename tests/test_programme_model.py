@@ -23,11 +23,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import msgspec
+
 from events import catalogue as ev
 from ledger import commands as cmd
-from ledger.decide import decide
+from ledger.campaigns import CampaignBook, Spend, add_spend, decide_create, decide_end, grants_in
+from ledger.decide import CampaignContext, command_time, decide
 from ledger.errors import DuplicateCommand, Refusal
-from ledger.programme import Activity, Programme
+from ledger.programme import WEEKDAYS, Activity, Programme, ProgrammeHistory, decide_change, decide_seed
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.views import available_points, balance, current_tier, tier_view
 from tests.model import WEEKDAY_NAMES, Duplicate, Model, Refused
@@ -64,7 +67,8 @@ class Driver(abc.ABC):
     def enrol(self, member_id: str, birthday: str | None = None, enrolled_at: datetime | None = None) -> Result: ...
 
     @abc.abstractmethod
-    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None) -> Result: ...
+    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None, store_id="s1") -> Result:
+        """``{points, base_points, rewards: [(campaign_id, points, coupon_id)], growth, tier, debt_paid}``."""
 
     @abc.abstractmethod
     def ret(self, member_id, return_id, purchase_id, amount_cents, occurred_at=None) -> Result: ...
@@ -98,6 +102,25 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def run_job(self, name: str, as_of: datetime) -> Result: ...
+
+    @abc.abstractmethod
+    def change_programme(self, settings: dict, effective_from: datetime | None = None) -> Result:
+        """``{version}``."""
+
+    @abc.abstractmethod
+    def create_campaign(self, body: dict) -> Result:
+        """``{campaign_id}``; ``body`` as POST /v1/campaigns takes it (times as datetimes)."""
+
+    @abc.abstractmethod
+    def end_campaign(self, campaign_id: str) -> Result: ...
+
+    @abc.abstractmethod
+    def campaign_spend(self, campaign_id: str) -> tuple[int, int]:
+        """(points, coupons) the campaign has granted."""
+
+    @abc.abstractmethod
+    def log_version(self) -> object:
+        """Anything that changes when anything is appended (a refusal must leave it alone)."""
 
     @abc.abstractmethod
     def balance(self, member_id: str, at: datetime) -> dict: ...
@@ -134,14 +157,19 @@ class DomainDriver(Driver):
         self.states: dict[str, MemberState] = {}
         self.facts: dict[str, list[Fact]] = {}
         self._folds: dict[tuple[str, int, datetime], MemberState] = {}
+        self.history = ProgrammeHistory()
+        self.history.evolve(decide_seed(self.history, programme, now))
+        self.book = CampaignBook()
+        self.spend: dict[str, Spend] = {}
 
     def set_now(self, now: datetime) -> None:
         self.now = now
 
     def _run(self, member_id: str, command: cmd.Command):
         state = self.states.get(member_id, MemberState())
+        programme = self.history.in_force(command_time(command, self.now))
         try:
-            decided = decide(state, command, self.programme, self.now)
+            decided = decide(state, command, programme, self.now, CampaignContext(self.book, self.spend))
         except Refusal as refusal:
             return Refused(refusal.status, refusal.code, refusal.extra.get("reason"))
         except DuplicateCommand as duplicate:
@@ -152,7 +180,43 @@ class DomainDriver(Driver):
             evolve(state, fact)
             facts.append(fact)
         self.states[member_id] = state
+        for grant in grants_in((d.event for d in decided), self.book):
+            self.spend[grant.campaign_id] = add_spend(self.spend.get(grant.campaign_id, Spend()), grant)
         return [d.event for d in decided]
+
+    def _rules(self, decide_event, evolve_event, answer):
+        try:
+            event = decide_event()
+        except Refusal as refusal:
+            return Refused(refusal.status, refusal.code, refusal.extra.get("reason"))
+        evolve_event(event)
+        return answer(event)
+
+    def change_programme(self, settings, effective_from=None):
+        return self._rules(
+            lambda: decide_change(self.history, settings, effective_from, self.now),
+            self.history.evolve, lambda event: {"version": event.version},
+        )
+
+    def create_campaign(self, body):
+        command = msgspec.convert(body, cmd.CreateCampaign)
+        return self._rules(
+            lambda: decide_create(self.book, command, self.now),
+            self.book.evolve, lambda event: {"campaign_id": event.campaign_id},
+        )
+
+    def end_campaign(self, campaign_id):
+        return self._rules(
+            lambda: decide_end(self.book, campaign_id, "state machine", self.now),
+            self.book.evolve, lambda event: {"campaign_id": event.campaign_id},
+        )
+
+    def campaign_spend(self, campaign_id):
+        spent = self.spend.get(campaign_id, Spend())
+        return spent.points, spent.coupons
+
+    def log_version(self):
+        return (self.history.stream_version, self.book.stream_version)
 
     def _one(self, events, kind):
         return next(e for e in events if isinstance(e, kind))
@@ -163,18 +227,25 @@ class DomainDriver(Driver):
             return out
         return {"coupons": [e.coupon_id for e in out if isinstance(e, ev.CouponIssued)]}
 
-    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None):
-        command = cmd.RecordPurchase(purchase_id=purchase_id, store_id="s1", amount_cents=amount_cents, occurred_at=occurred_at)
+    def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None, store_id="s1"):
+        command = cmd.RecordPurchase(purchase_id=purchase_id, store_id=store_id, amount_cents=amount_cents, occurred_at=occurred_at)
         out = self._run(member_id, command)
         if isinstance(out, (Refused, Duplicate)):
             return out
         earned = self._one(out, ev.PointsEarned)
         state = self.states[member_id]
+        rewards = [
+            (e.campaign_id, e.points if isinstance(e, ev.PointsEarned) else 0,
+             e.coupon_id if isinstance(e, ev.CouponIssued) else None)
+            for e in out if getattr(e, "campaign_id", None) is not None
+        ]
         return {
-            "points": earned.points,
+            "points": earned.points + sum(points for _, points, _ in rewards),
+            "base_points": earned.points,
+            "rewards": rewards,
             "growth": earned.growth,
             "tier": current_tier(state, self.programme),
-            "debt_paid": earned.debt_paid,
+            "debt_paid": sum(e.debt_paid for e in out if isinstance(e, ev.PointsEarned)),
         }
 
     def activity(self, member_id, activity_id, activity_type, occurred_at=None):
@@ -334,6 +405,8 @@ class ProgrammeMachine(RuleBasedStateMachine):
         self.natural: list[tuple[str, tuple, dict]] = []  # accepted commands with a natural id
         self.earned: dict[tuple[str, str], tuple[int, int]] = {}  # (member, purchase) -> (points, growth)
         self.clawed: dict[tuple[str, str], tuple[int, int]] = {}
+        self.granted: dict[str, list[int]] = {}  # campaign -> [points, coupons], from the purchases' answers
+        self.rewarded: dict[tuple[str, str], list[datetime]] = {}  # (member, campaign) -> occurred_at of rewards
 
     def make_driver(self, programme: Programme, now: datetime) -> Driver:
         return DomainDriver(programme, now)
@@ -347,6 +420,7 @@ class ProgrammeMachine(RuleBasedStateMachine):
     def do(self, method: str, *args, **kwargs) -> Result:
         """Run one command on both sides; they must answer alike; a refusal appends nothing."""
         before = {m: self.driver.version(m) for m in (*MEMBER_IDS, "ghost")}
+        before["log"] = self.driver.log_version()
         expected = getattr(self.model, method)(*args, **kwargs)
         actual = getattr(self.driver, method)(*args, **kwargs)
         context = (method, args, kwargs, self.now)
@@ -355,7 +429,8 @@ class ProgrammeMachine(RuleBasedStateMachine):
                 assert actual == expected, (context, expected, actual)
             else:
                 assert isinstance(actual, Duplicate), (context, expected, actual)
-            after = {m: self.driver.version(m) for m in before}
+            after = {m: self.driver.version(m) for m in MEMBER_IDS + ("ghost",)}
+            after["log"] = self.driver.log_version()
             assert after == before, ("a refused command changed the member", context, expected)
         else:
             assert isinstance(actual, dict), (context, expected, actual)
@@ -413,10 +488,112 @@ class ProgrammeMachine(RuleBasedStateMachine):
     def buy(self, data, amount: int) -> None:
         member_id = data.draw(st.sampled_from(self.members()))
         purchase_id = self.fresh("p")
-        answer = self.do("purchase", member_id, purchase_id, amount, occurred_at=self.when(data))
+        store_id = data.draw(st.sampled_from(["s1", "s1", "s2"]))
+        at = self.when(data)
+        answer = self.do("purchase", member_id, purchase_id, amount, occurred_at=at, store_id=store_id)
         if isinstance(answer, dict):
-            self.natural.append(("purchase", (member_id, purchase_id, amount), {}))
+            self.natural.append(("purchase", (member_id, purchase_id, amount), {"store_id": store_id}))
             self.earned[(member_id, purchase_id)] = (answer["points"], answer["growth"])
+            assert answer["points"] == answer["base_points"] + sum(points for _, points, _ in answer["rewards"])
+            for campaign_id, points, coupon_id in answer["rewards"]:
+                granted = self.granted.setdefault(campaign_id, [0, 0])
+                granted[0] += points
+                granted[1] += coupon_id is not None
+                self.rewarded.setdefault((member_id, campaign_id), []).append(at or self.now)
+
+    # -- programme versions and campaigns ------------------------------------------
+
+    @rule(
+        settings=st.sampled_from([
+            {}, {"earn_cents_per_point": 500}, {"earn_cents_per_point": 2000}, {"pending_days": 0},
+            {"pending_days": 3}, {"points_expiry_days": 30}, {"member_day": {"weekday": "tuesday", "multiplier_pct": 300}},
+        ]),
+        when=st.sampled_from(["default", "now", "soon", "later", "past"]),
+    )
+    def change_programme(self, settings, when):
+        """A new version, in force from now or later; one dated in the past is refused."""
+        effective_from = {
+            "default": None, "now": self.now, "soon": self.now + timedelta(hours=1),
+            "later": self.now + timedelta(days=3), "past": self.now - timedelta(days=1),
+        }[when]
+        self.do("change_programme", settings, effective_from)
+
+    @initialize(data=st.data(), count=st.integers(0, 3))
+    def campaigns_from_the_start(self, data, count):
+        """Running campaigns with few conditions, so that many purchases meet them."""
+        for _ in range(count):
+            self.create_campaign(data, timedelta(0), timedelta(days=60))
+
+    @rule(
+        data=st.data(),
+        starts_in=st.sampled_from([timedelta(0), timedelta(minutes=-1), timedelta(minutes=-10), timedelta(hours=1),
+                                   timedelta(days=2)]),
+        length=st.sampled_from([timedelta(hours=1), timedelta(days=1), timedelta(days=7), timedelta(days=60),
+                                timedelta(days=60), timedelta(0)]),
+    )
+    def new_campaign(self, data, starts_in, length):
+        self.create_campaign(data, starts_in, length)
+
+    def create_campaign(self, data, starts_in: timedelta, length: timedelta) -> None:
+        existing = sorted(self.model.campaigns)
+        taken = existing and data.draw(st.integers(0, 9)) == 0
+        campaign_id = data.draw(st.sampled_from(existing)) if taken else self.fresh("c")
+        kind = data.draw(st.sampled_from(["multiplier", "bonus", "coupon"]))
+        reward = {
+            "multiplier": lambda: {"kind": "multiplier", "multiplier_pct": data.draw(st.sampled_from([100, 150, 200, 300]))},
+            "bonus": lambda: {"kind": "bonus", "points": data.draw(st.integers(1, 50))},
+            "coupon": lambda: {"kind": "coupon", "template": "CAMP", "value_cents": 1000,
+                               "min_spend_cents": data.draw(st.sampled_from([0, 5000])), "valid_days": 7},
+        }[kind]()
+        condition = data.draw(st.sampled_from([
+            None, None, "store_ids", "tiers", "weekdays", "min_amount_cents", "first_purchase_only",
+        ]))
+        conditions = {} if condition is None else {condition: data.draw({
+            "store_ids": st.sampled_from([["s1"], ["s2"], ["s1", "s2"]]),
+            "tiers": st.sampled_from([["regular"], ["silver", "gold"]]),
+            "weekdays": st.lists(st.sampled_from(WEEKDAYS), min_size=1, max_size=4, unique=True),
+            "min_amount_cents": st.sampled_from([0, 10000, 100000]),
+            "first_purchase_only": st.booleans(),
+        }[condition])}
+        body = {
+            "campaign_id": campaign_id, "name": "random", "starts_at": self.now + starts_in,
+            "ends_at": self.now + starts_in + length, "reward": reward, "conditions": conditions,
+            "budget_points": data.draw(st.one_of(st.none(), st.integers(1, 60))),
+            "budget_coupons": data.draw(st.one_of(st.none(), st.integers(1, 3))),
+            "per_member_limit": data.draw(st.sampled_from([None, None, 1, 2])),
+            "per_member_period": data.draw(st.sampled_from(["day", "week", "month", "campaign"])),
+        }
+        self.do("create_campaign", body)
+
+    @precondition(lambda self: self.model.campaigns)
+    @rule(data=st.data(), unknown=st.booleans())
+    def end_campaign(self, data, unknown):
+        campaign_id = "nope" if unknown else data.draw(st.sampled_from(sorted(self.model.campaigns)))
+        self.do("end_campaign", campaign_id)
+
+    @invariant()
+    def budgets_and_per_member_limits_hold(self):
+        """Granted never passes a budget, equals it once a reward was cut or withheld for it, and each member
+        gets at most per_member_limit rewards per period."""
+        zone = ZoneInfo(self.programme.timezone)
+        for c in self.model.campaigns.values():
+            points, coupons = self.driver.campaign_spend(c.campaign_id)
+            assert [points, coupons] == self.granted.get(c.campaign_id, [0, 0]) == [c.points, c.coupons]
+            if c.budget_points is not None and c.reward["kind"] != "coupon":
+                assert points <= c.budget_points
+                assert not c.ran_out or points == c.budget_points, ("ran out below its budget", c)
+            if c.budget_coupons is not None and c.reward["kind"] == "coupon":
+                assert coupons <= c.budget_coupons
+                assert not c.ran_out or coupons == c.budget_coupons, ("ran out below its budget", c)
+            if c.per_member_limit is not None:
+                for member_id in self.members():
+                    periods: dict[tuple, int] = {}
+                    for at in self.rewarded.get((member_id, c.campaign_id), []):
+                        local = at.astimezone(zone)
+                        key = {"day": local.date().timetuple()[:3], "week": tuple(local.isocalendar())[:2],
+                               "month": (local.year, local.month), "campaign": ()}[c.per_member_period]
+                        periods[key] = periods.get(key, 0) + 1
+                    assert all(n <= c.per_member_limit for n in periods.values()), (member_id, c, periods)
 
     @precondition(lambda self: self.model.members)
     @rule(data=st.data(), amount=st.integers(150_000, 650_000))

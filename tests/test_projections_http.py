@@ -123,7 +123,7 @@ async def test_projections_are_listed_with_lag_and_rebuilt_by_admins_only(api, p
         if all(p["position"] == head for p in body["projections"]) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.02)
-    assert [p["name"] for p in body["projections"]] == ["members", "points", "coupons", "liability"]
+    assert [p["name"] for p in body["projections"]] == ["members", "points", "coupons", "liability", "campaigns"]
     assert all(p == {"name": p["name"], "position": head, "head": head, "lag_events": 0, "lag_seconds": 0.0,
                      "state": "live"} for p in body["projections"])
 
