@@ -495,7 +495,7 @@ class Model:
         m.activities[activity_id] = Activity(activity_id, activity_type, at, entry.growth)
         if entry.points:
             m.totals.append((at, "earned", entry.points))
-            self._credit(m, f"t:{activity_id}", at, at, entry.points)
+            self._credit(m, f"t:{activity_id}", at, at, entry.points, self.programme_at(at))
         self._upgrade(m, at, tier, hold, None)
         self._note(m, at)
         return {"points": entry.points, "growth": entry.growth, "tier": self.tier_now(m)[0]}
