@@ -194,6 +194,20 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
+def alternating_rounds(plan: Plan, label: str, what: str, baseline: env.Process, ours: env.Process) -> dict:
+    """``plan.rounds`` rounds of the same purchase ingest, the baseline's then ours; the median round by ratio."""
+    rounds = []
+    for number in range(plan.rounds):
+        say(f"{label} round {number + 1}/{plan.rounds}: {what}; {plan.duration_s:g} s each")
+        first = purchase_load(baseline.port, "m", plan.members, f"run{number}", plan.duration_s)
+        second = purchase_load(ours.port, "m", plan.members, f"run{number}", plan.duration_s)
+        rounds.append((first, second))
+    ratios = sorted(o.rps / b.rps for b, o in rounds)
+    median_base, median_ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+    return {"ours": median_ours.as_dict(), "baseline": median_base.as_dict(),
+            "rounds_rps": [(b.rps, o.rps) for b, o in rounds], "ratio_median": round(ratios[len(ratios) // 2], 3)}
+
+
 # -- scenarios ---------------------------------------------------------------------------
 
 
@@ -444,19 +458,11 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
         for service in (stored, empty):
             await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
             purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        rounds = []
         with RssSampler(stored.pid) as rss:
-            for number in range(plan.rounds):
-                say(f"stored round {number + 1}/{plan.rounds}: the empty store, then {fill['events']:,} stored events; "
-                    f"{plan.duration_s:g} s each")
-                on_empty = purchase_load(empty.port, "m", plan.members, f"run{number}", plan.duration_s)
-                on_stored = purchase_load(stored.port, "m", plan.members, f"run{number}", plan.duration_s)
-                rounds.append((on_empty, on_stored))
-        ratios = sorted(s_.rps / e.rps for e, s_ in rounds)
-        on_empty, on_stored = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
-        out["stored"] = {"filler": fill, "ours": on_stored.as_dict(), "empty": on_empty.as_dict(),
-                         "rounds_rps": [(e.rps, s_.rps) for e, s_ in rounds], "ratio_median": round(ratios[len(ratios) // 2], 3),
-                         "rss_mb": rss.samples}
+            measured = alternating_rounds(plan, "stored", f"the empty store, then {fill['events']:,} stored events",
+                                          empty, stored)
+        empty_run = measured.pop("baseline")
+        out["stored"] = {"filler": fill, **measured, "empty": empty_run, "rss_mb": rss.samples}
     finally:
         stored.stop()
         empty.stop()
@@ -488,18 +494,9 @@ async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
         for service in (with_, without):
             await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
             purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        rounds = []
-        for number in range(plan.rounds):
-            say(f"campaigns round {number + 1}/{plan.rounds}: no campaigns, then {CAMPAIGNS} running; "
-                f"{plan.duration_s:g} s each")
-            none = purchase_load(without.port, "m", plan.members, f"run{number}", plan.duration_s)
-            some = purchase_load(with_.port, "m", plan.members, f"run{number}", plan.duration_s)
-            rounds.append((none, some))
-        ratios = sorted(some.rps / none.rps for none, some in rounds)
-        none, some = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
-        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, "ours": some.as_dict(),
-                            "none": none.as_dict(), "rounds_rps": [(n.rps, s_.rps) for n, s_ in rounds],
-                            "ratio_median": round(ratios[len(ratios) // 2], 3)}
+        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", without, with_)
+        none = measured.pop("baseline")
+        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none}
     finally:
         with_.stop()
         without.stop()

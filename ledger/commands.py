@@ -146,7 +146,7 @@ class CreateCampaign(Command, kw_only=True):
 
 
 class EndCampaign(Command, kw_only=True):
-    campaign_id: CampaignId = ""  # taken from the path
+    campaign_id: CampaignId | None = None  # the path's
     reason: Text
 
 
