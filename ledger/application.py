@@ -265,7 +265,7 @@ class Ledger:
             return decide_change(self.rules.programmes, command.settings, command.effective_from, now)
         if isinstance(command, cmd.CreateCampaign):
             return decide_create(self.rules.campaigns, command, now)
-        assert isinstance(command, cmd.EndCampaign)
+        assert isinstance(command, cmd.EndCampaign) and command.campaign_id is not None, "the path names it"
         return decide_end(self.rules.campaigns, command.campaign_id, command.reason, now)
 
     def _rules_answer(self, event: ev.Event) -> dict:
