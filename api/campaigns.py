@@ -58,13 +58,13 @@ async def list_campaigns(request: web.Request) -> web.StreamResponse:
     status = request.query.get("status")
     if status is not None and status not in campaigns.STATUSES:
         raise HttpProblem(422, "validation_failed", f"status is one of {', '.join(campaigns.STATUSES)}", field="status")
-    after = request.query.get("after", "")
-    if after:
+    after = request.query.get("after")
+    if after is not None:  # given empty, it breaks the id rule too
         _campaign_id(after, "after")
     limit = query_int(request, "limit", 100, 1, PAGE_LIMIT_MAX)
     service = await caught_up(request, campaigns.NAME)
     async with service.pool.acquire() as conn:
-        listed = await campaigns.campaign_page(conn, after, limit + 1, service.clock(), status)
+        listed = await campaigns.campaign_page(conn, after or "", limit + 1, service.clock(), status)
     more = len(listed) > limit
     listed = listed[:limit]
     return json_response({"campaigns": listed, "next_after": listed[-1]["campaign_id"] if more else None})
