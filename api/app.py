@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import KEYS, KeyRing, allow
+from api.auth import KEYS, Handler, KeyRing, allow
 from api.context import LEDGER, PROJECTION_SERVICE, ROUTE_TABLE, SETTINGS
-from api.decoding import BATCH_MAX_BYTES
+from api.decoding import BATCH_MAX_BYTES, DRY_RUN, query_bool
 from api.middleware import METRICS, Metrics, problems_and_metrics
+from api.problems import HttpProblem
 from api.route import Route
 from api.routes import ROUTES
 from ledger.application import Ledger
@@ -34,7 +35,8 @@ def create_app(
     app[PROJECTION_SERVICE] = ProjectionService(pool, programme, clock, metrics=ProjectionMetrics(app[METRICS].registry))
     app[ROUTE_TABLE] = routes
     for route in routes:
-        handler = route.handler if route.roles is None else allow(route.roles)(route.handler)
+        handler = _dry_runs(route)
+        handler = handler if route.roles is None else allow(route.roles)(handler)
         app.router.add_route(route.method, route.path, handler)
     app.on_startup.append(_ensure_projection_tables)
     app.on_startup.append(_seed_admin_key)
@@ -42,6 +44,22 @@ def create_app(
     app.on_startup.append(_seed_programme)
     app.on_cleanup.append(_stop_group_commit)
     return app
+
+
+def _dry_runs(route: Route) -> Handler:
+    """The one place ``?dry_run`` is read (CONTRACT §6.5): a route that takes it finds it in
+    ``request[DRY_RUN]``; any other write refuses it (422) rather than doing for real what was asked
+    as a trial (``PUT /v1/programme``, the batch, keys, jobs)."""
+    if route.method == "GET":
+        return route.handler
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request[DRY_RUN] = query_bool(request, "dry_run")
+        if request[DRY_RUN] and not route.dry_run:
+            raise HttpProblem(422, "validation_failed", f"{route.method} {route.path} has no dry run", field="dry_run")
+        return await route.handler(request)
+
+    return handle
 
 
 async def _start_group_commit(app: web.Application) -> None:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from api.auth import ADMIN, PRINCIPAL, READER
 from api.context import LEDGER
-from api.decoding import PAGE_LIMIT_MAX, decode, idempotency_key, query_int, read_body
+from api.decoding import DRY_RUN, PAGE_LIMIT_MAX, decode, idempotency_key, query_int, read_body
 from api.problems import HttpProblem, json_response, outcome_response
 from api.projected import caught_up
 from api.route import Route
@@ -30,7 +30,8 @@ def _campaign_id(value: str, name: str = "campaign_id") -> str:
 async def post_campaign(request: web.Request) -> web.StreamResponse:
     command = decode(await read_body(request), cmd.CreateCampaign)
     outcome = await request.app[LEDGER].execute_rules(
-        "campaign_create", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request)
+        "campaign_create", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request),
+        dry_run=request[DRY_RUN],
     )
     return outcome_response(outcome)
 
@@ -39,7 +40,8 @@ async def end_campaign(request: web.Request) -> web.StreamResponse:
     campaign_id = _campaign_id(request.match_info["campaign_id"])
     command = decode(await read_body(request), cmd.EndCampaign, campaign_id=campaign_id)
     outcome = await request.app[LEDGER].execute_rules(
-        "campaign_end", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request)
+        "campaign_end", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request),
+        dry_run=request[DRY_RUN],
     )
     return outcome_response(outcome)
 
@@ -74,10 +76,10 @@ _ID_SCHEMA = {"type": "string", "pattern": CAMPAIGN_ID_PATTERN}
 
 ROUTES = [
     Route("POST", "/v1/campaigns", post_campaign, ADMIN, "Create a campaign", status=201, body=cmd.CreateCampaign,
-          headers=("Idempotency-Key",), errors=(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)),
+          headers=("Idempotency-Key",), errors=(400, 401, 403, 408, 409, 413, 415, 422, 429, 503), dry_run=True),
     Route("POST", "/v1/campaigns/{campaign_id}/end", end_campaign, ADMIN, "End a campaign now", status=201,
           body=cmd.EndCampaign, headers=("Idempotency-Key",), parameter_schemas={"campaign_id": _ID_SCHEMA},
-          errors=(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503)),
+          errors=(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503), dry_run=True),
     Route("GET", "/v1/campaigns", list_campaigns, READER, "Campaigns in campaign_id order, with their counters",
           query=("status", "after", "limit", "min_position"),
           parameter_schemas={"status": {"type": "string", "enum": list(campaigns.STATUSES)}, "after": _ID_SCHEMA}),

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from api.auth import ADMIN, CHECKOUT, PRINCIPAL, Handler, Principal
 from api.context import LEDGER
-from api.decoding import decode, idempotency_key, if_match, path_id, read_body
+from api.decoding import DRY_RUN, decode, idempotency_key, if_match, path_id, read_body
 from api.middleware import METRICS
 from api.problems import HttpProblem, outcome_response
 from api.route import Route
@@ -88,6 +88,7 @@ async def run_operation(
     principal: Principal,
     key: str | None,
     expected_version: int | None = None,
+    dry_run: bool = False,
 ) -> Outcome:
     """Run one decoded HTTP command through the ledger."""
     member_id, command, fingerprint = prepare_command(operation, member_id, command, principal)
@@ -99,6 +100,7 @@ async def run_operation(
         idempotency_key=key,
         expected_version=expected_version,
         fingerprint=fingerprint,
+        dry_run=dry_run,
     )
     record_head(app, [outcome])
     return outcome
@@ -117,7 +119,7 @@ def command_handler(operation: Operation) -> Handler:
         command = decode(await read_body(request), operation.body, **path_fields)
         outcome = await run_operation(
             request.app, operation, member_id, command, request[PRINCIPAL], idempotency_key(request),
-            if_match(request),
+            if_match(request), request[DRY_RUN],
         )
         return outcome_response(outcome)
 
@@ -128,6 +130,6 @@ def command_handler(operation: Operation) -> Handler:
 ROUTES = [
     Route(op.method, op.path, command_handler(op), op.roles, op.summary, status=201, body=op.body, answer=op.answer,
           headers=("Idempotency-Key", "If-Match"), errors=(400, 401, 403, 404, 408, 409, 412, 413, 415, 422, 429, 503),
-          operation_id=op.name)
+          operation_id=op.name, dry_run=True)
     for op in OPERATIONS
 ]

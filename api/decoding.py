@@ -99,6 +99,18 @@ def query_time(request: web.Request, name: str, default: datetime) -> datetime:
         raise HttpProblem(422, "validation_failed", f"{name} must be an RFC 3339 time with offset", field=name) from None
 
 
+DRY_RUN = web.RequestKey("dry_run", bool)
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    if raw not in ("true", "false"):
+        raise HttpProblem(422, "validation_failed", f"{name} is true or false", field=name)
+    return raw == "true"
+
+
 def page(request: web.Request) -> tuple[int, int]:
     return query_int(request, "after", 0, 0, POSITION_MAX), query_int(request, "limit", 100, 1, PAGE_LIMIT_MAX)
 

@@ -23,6 +23,7 @@ QUERY_SCHEMAS = {
     "type": {"type": "string"},
     "wait_ms": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_MS},
     "min_position": {"type": "integer", "minimum": 0, "maximum": POSITION_MAX},
+    "dry_run": {"type": "boolean", "description": "true: decide and answer, append nothing (CONTRACT §6.5)"},
 }
 HEADER_SCHEMAS = {
     "Idempotency-Key": {"type": "string", "minLength": 1, "maxLength": 255},
@@ -98,6 +99,6 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
     path = [{"name": name, "in": "path", "required": True, "schema": overrides.get(name, ID_SCHEMA)}
             for name in re.findall(r"{(\w+)}", route.path)]
     query = [{"name": name, "in": "query", "schema": overrides[name] if name in overrides else QUERY_SCHEMAS[name]}
-             for name in route.query]
+             for name in route.query + (("dry_run",) if route.dry_run else ())]
     headers = [{"name": name, "in": "header", "schema": HEADER_SCHEMAS[name]} for name in route.headers]
     return path + query + headers

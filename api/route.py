@@ -33,3 +33,5 @@ class Route:
     headers: tuple[str, ...] = ()  # request headers it reads: Idempotency-Key, If-Match
     errors: tuple[int, ...] = (401, 403, 404, 422, 429, 503)
     operation_id: str | None = None
+    # It appends and takes ?dry_run=true (CONTRACT §6.5): its handler reads request[DRY_RUN].
+    dry_run: bool = False

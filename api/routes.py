@@ -7,7 +7,7 @@ these, so nothing else needs to know about it.
 
 from __future__ import annotations
 
-from api import activities, admin, batch, campaigns, commands, console, health, programme, projected, reads
+from api import activities, admin, batch, campaigns, commands, console, health, programme, projected, reads, simulations
 from api.route import Route
 
 ROUTES: list[Route] = [
@@ -19,6 +19,7 @@ ROUTES: list[Route] = [
     *admin.ROUTES,
     *programme.ROUTES,
     *campaigns.ROUTES,
+    *simulations.ROUTES,
     *health.ROUTES,
     *console.ROUTES,
 ]

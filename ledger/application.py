@@ -21,7 +21,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 import msgspec
 
 from events.codec import encode_json, from_data
@@ -35,6 +35,7 @@ from ledger.clock import Clock, system_clock
 from ledger.decide import CampaignContext, Decided, command_time, decide
 from ledger.errors import DuplicateCommand, Refusal, problem
 from ledger.programme import PROGRAMME_STREAM, Programme, ProgrammeHistory, decide_change, decide_seed
+from ledger.simulation import SIMULATION_EVENT_TYPES, Simulation, SimulationAnswer
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.store import (
     AlreadyAnswered,
@@ -66,6 +67,7 @@ CACHE_EVENTS_MAX = settings.CACHE_EVENTS_MAX
 # ~9 KB of snapshot per event; every quarter of the history it is ~700 bytes.
 SNAPSHOT_EVERY_EVENTS = 100
 SNAPSHOT_EVERY_FRACTION = 4
+SIMULATION_PAGE_EVENTS = 10_000  # a simulation reads the log in pages of this many events
 GLOBAL_SCOPE = "*"  # command_results.stream_id of Idempotency-Keys
 
 _sorted_encoder = msgspec.json.Encoder(order="sorted")
@@ -219,8 +221,10 @@ class Ledger:
 
     async def execute_rules(
         self, operation: str, command: cmd.Command, *, actor: str | None = None, idempotency_key: str | None = None,
+        dry_run: bool = False,
     ) -> Outcome:
-        """A change of the programme or of a campaign, exactly once (Idempotency-Key as for members)."""
+        """A change of the programme or of a campaign, exactly once (Idempotency-Key as for members);
+        a dry run decides and answers on the rules as they are now, and appends and stores nothing."""
         stream_id = PROGRAMME_STREAM if isinstance(command, cmd.ChangeProgramme) else CAMPAIGNS_STREAM
         fingerprint = request_hash(operation, stream_id, command)
         if idempotency_key is not None:
@@ -237,6 +241,8 @@ class Ledger:
                 outcome = _refusal_outcome(refusal)
                 break
             body = self._rules_answer(event)
+            if dry_run:
+                return dry_run_outcome(Outcome(201, encode_json(body)))
             append = self._rules_append(
                 stream_id, [event], actor, idempotency_key, keys,
                 respond=lambda recorded, body=body: (201, encode_json({**body, "position": recorded[-1].position})),
@@ -253,7 +259,7 @@ class Ledger:
             return Outcome(*append.answer, position=recorded[-1].position)
         if outcome is None:
             return _refusal_outcome(Refusal(503, "contention", "the rules are being changed by many writers; retry"))
-        if idempotency_key is not None:
+        if idempotency_key is not None and not dry_run:
             await self.store.store_result(
                 StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
             )
@@ -285,6 +291,34 @@ class Ledger:
         """Count a committed append's grants in this process's view of the budgets."""
         for grant in append.grants:
             self.rules.spend[grant.campaign_id] = add_spend(self.rules.spend.get(grant.campaign_id, Spend()), grant)
+
+    # -- simulations (CONTRACT §6.5) -------------------------------------------
+
+    async def simulate(
+        self, command: cmd.Simulate, progress: Callable[[int], None] | None = None,
+    ) -> SimulationAnswer:
+        """What the window's purchases would have granted under the command's changes: the log's
+        purchases and grants, read up to the head as it is now, fed to the pure ``Simulation`` in log
+        order; ``progress`` is told how many purchases each page held. Appends nothing; a Refusal
+        (the contract's code) before anything is read."""
+        await self.refresh_rules()
+        simulation = Simulation.of(
+            command.from_, command.to, self.rules.programmes, self.rules.campaigns,
+            command.changes.settings, command.changes.campaigns,
+        )
+        head, _hash = await self.store.head()
+        after = 0
+        while after < head:
+            page = await self.store.read_all(after, SIMULATION_PAGE_EVENTS, SIMULATION_EVENT_TYPES, until=head)
+            if not page:
+                break
+            for envelope in page:
+                event = from_data(envelope.type, envelope.schema_version, envelope.data)
+                simulation.feed(envelope.stream_id, envelope.occurred_at, envelope.programme_version, event)
+            if progress is not None:
+                progress(sum(1 for envelope in page if envelope.type == "purchase_recorded"))
+            after = page[-1].position
+        return simulation.answer()
 
     # -- member state ----------------------------------------------------------
 
@@ -384,20 +418,32 @@ class Ledger:
         idempotency_key: str | None = None,
         expected_version: int | None = None,
         fingerprint: str | None = None,
+        dry_run: bool = False,
     ) -> Outcome:
-        """Run one command exactly once; ``fingerprint`` defaults to the command's request hash."""
+        """Run one command exactly once; ``fingerprint`` defaults to the command's request hash.
+
+        A dry run (CONTRACT §6.5) decides exactly as the command would, on a state and rules just read,
+        and answers what it would answer (``dry_run_outcome``), but appends nothing and stores nothing:
+        no Idempotency-Key or natural id is recorded, no budget or cap counted.
+        """
         fingerprint = fingerprint or request_hash(operation, stream_id, command)
         if idempotency_key is not None:
             stored = await self.store.stored_result(GLOBAL_SCOPE, f"idem:{idempotency_key}")
             if stored is not None:
-                return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+                outcome = self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+                return dry_run_outcome(outcome) if dry_run else outcome
         if stream_id.startswith("$"):
             return _refusal_outcome(Refusal(422, "invalid_id", "a member id cannot start with $", field="member_id"))
-        await self._ensure_rules()
+        if dry_run:
+            await self.refresh_rules()  # the budgets as the store would check them now
+        else:
+            await self._ensure_rules()
         async with self._locks.hold(stream_id):
             outcome = await self._decide_and_append(
-                operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
+                operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version, dry_run
             )
+        if dry_run:
+            return dry_run_outcome(outcome)
         if idempotency_key is not None and outcome.status < 500 and outcome.position is None and not outcome.replayed:
             # A refusal is an answer too: the retry gets it again.
             await self.store.store_result(
@@ -484,9 +530,9 @@ class Ledger:
         return programme, decide(state, command, programme, now, self._campaign_context())
 
     async def _decide_and_append(
-        self, operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
+        self, operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version, dry_run=False,
     ) -> Outcome:
-        rules_read = False
+        rules_read = dry_run  # a dry run has just read them
         for attempt in range(MAX_CONFLICT_RETRIES):
             # First try: decide on the cached state without reading the log.
             # An append is safe on it, since the store checks its version under
@@ -494,7 +540,7 @@ class Ledger:
             # anything else (a refusal, a replay, 412, nothing to append) is
             # answered only from a state just read, so another process's
             # appends can never show through as a wrong refusal.
-            state = self._cached(stream_id) if attempt == 0 else None
+            state = self._cached(stream_id) if attempt == 0 and not dry_run else None
             checked = state is None
             if state is None:
                 state = await self._load_locked(stream_id)
@@ -523,6 +569,8 @@ class Ledger:
                 if not checked:
                     continue
                 return Outcome(200, encode_json(JobAnswer(appended=0)))
+            if dry_run:
+                return await self._dry_run(stream_id, state, command, programme, decided, fingerprint)
             try:
                 append = self._prepare_append(
                     stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key
@@ -538,9 +586,7 @@ class Ledger:
                 continue
             except IdentityTaken as taken:
                 self.forget(stream_id)
-                return _refusal_outcome(
-                    Refusal(409, "identity_taken", f"{taken.identity_type} {taken.value} belongs to another member")
-                )
+                return _refusal_outcome(_identity_taken(taken.identity_type, taken.value))
             except AlreadyAnswered as answered:
                 self.forget(stream_id)
                 stored = await self.store.stored_result(answered.stream_id, answered.command_key)
@@ -591,11 +637,51 @@ class Ledger:
             respond=lambda recorded: (201, with_position(body, recorded[-1].position, recorded[-1].stream_version)),
         )
 
+    async def _dry_run(
+        self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme,
+        decided: list[Decided], fingerprint: str,
+    ) -> Outcome:
+        """What the decided command would answer, built as its append would build it, then dropped:
+        the state it evolved is forgotten (the next command reads the member again). An identity another
+        member holds refuses it as the store would."""
+        try:
+            if isinstance(command, cmd.Enrol):
+                for identity in command.identities:
+                    owner = await self.store.identity_owner(identity.type, identity.value)
+                    if owner is not None and owner != stream_id:
+                        return _refusal_outcome(_identity_taken(identity.type, identity.value))
+            append = self._prepare_append(stream_id, state, command, programme, decided, fingerprint, None, None)
+            assert append.respond is not None
+            return Outcome(*append.respond([_Unsealed(None, state.version)]))
+        finally:
+            self.forget(stream_id)
+
     async def _natural_replay(self, stream_id: str, natural_key: str, fingerprint: str) -> Outcome:
         stored = await self.store.stored_result(stream_id, natural_key)
         if stored is None:
             return _refusal_outcome(Refusal(409, "duplicate_id", f"{natural_key} was already used on this member"))
         return self._replay_or_reuse(stored, fingerprint, "duplicate_id", 409)
+
+
+class _Unsealed(NamedTuple):
+    """Where a dry run's last event would land: at no position; the member's version it would reach."""
+
+    position: None
+    stream_version: int
+
+
+def dry_run_outcome(outcome: Outcome) -> Outcome:
+    """A dry run's answer: the command's own, and when it is a success, with ``"dry_run": true`` and
+    ``position`` null (CONTRACT §6.5). Refusals are the command's exactly."""
+    if outcome.status >= 300:
+        return outcome
+    body = msgspec.json.decode(outcome.body)
+    body.update(position=None, dry_run=True)
+    return dataclasses.replace(outcome, body=encode_json(body), position=None)
+
+
+def _identity_taken(identity_type: str, value: str) -> Refusal:
+    return Refusal(409, "identity_taken", f"{identity_type} {value} belongs to another member")
 
 
 class KeyedLocks:

@@ -150,6 +150,20 @@ class EndCampaign(Command, kw_only=True):
     reason: Text
 
 
+class SimulationChanges(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    # Checked by the domain (ledger.simulation): settings as PUT /v1/programme checks them.
+    settings: dict[str, Any] = {}
+    campaigns: Annotated[list[CreateCampaign], msgspec.Meta(max_length=100)] = []
+
+
+class Simulate(Command, kw_only=True):
+    """``POST /v1/simulations`` (CONTRACT §6.5): the window [from, to) and the changes to try on it."""
+
+    from_: Timestamp = msgspec.field(name="from")
+    to: Timestamp
+    changes: SimulationChanges = SimulationChanges()
+
+
 # Time jobs, run per member by the job runner.
 class ExpireDue(Command, kw_only=True):
     as_of: datetime

@@ -18,7 +18,7 @@ from ledger import activities
 from ledger import commands as cmd
 from ledger.campaigns import CampaignBook, CouponReward, Grant, PurchaseFacts, Spend, rewards
 from ledger.errors import DuplicateCommand, Refusal, not_found
-from ledger.programme import WEEKDAYS, Programme
+from ledger.programme import WEEKDAYS, Programme, Tier
 from ledger.state import Bucket, MemberState
 from ledger.views import available_points, burnable_buckets, current_tier, rolling_growth
 
@@ -176,6 +176,13 @@ def member_day_pct(at: datetime, programme: Programme) -> int:
     return programme.member_day.multiplier_pct if local_weekday == programme.member_day.weekday else 100
 
 
+def regular_points(amount_cents: int, tier: Tier, at: datetime, programme: Programme) -> tuple[int, int]:
+    """A purchase's member-day percent and regular points (CONTRACT §2), on ``tier``; a simulation
+    (ledger/simulation.py) earns by this same rule."""
+    day_pct = member_day_pct(at, programme)
+    return day_pct, earn_points(amount_cents, tier.multiplier_pct, day_pct, programme)
+
+
 def _purchase(
     state: MemberState, command: cmd.RecordPurchase, programme: Programme, now: datetime,
     campaigns: CampaignContext = NO_CAMPAIGNS,
@@ -184,8 +191,7 @@ def _purchase(
         raise DuplicateCommand(f"purchase:{command.purchase_id}")
     at = business_time(command.occurred_at, programme, now)
     tier = programme.tier(current_tier(state, programme))
-    day_pct = member_day_pct(at, programme)
-    points = earn_points(command.amount_cents, tier.multiplier_pct, day_pct, programme)
+    day_pct, points = regular_points(command.amount_cents, tier, at, programme)
     growth = command.amount_cents // programme.growth_cents_per_unit
     debt_paid = min(state.debt, points)
     bucket = _new_bucket(

@@ -34,6 +34,7 @@ GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 # Bump when MemberState's shape changes: older snapshots are then ignored.
 SNAPSHOT_FORMAT = 4
 MAX_READ_LIMIT = 10_000
+POSITION_UNBOUNDED = 2**62
 MAX_WAIT_MS = 30_000
 
 
@@ -480,15 +481,20 @@ class EventStore:
         )
         return [envelope_from_row(r) for r in rows]
 
-    async def read_all(self, after_position: int = 0, limit: int = 1000, types: Sequence[str] | None = None) -> list[Envelope]:
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000, types: Sequence[str] | None = None,
+        until: int | None = None,
+    ) -> list[Envelope]:
+        """Events after a position in log order, of some types only if given, at or below ``until`` if given."""
         limit = min(limit, MAX_READ_LIMIT)
         if types:
             rows = await self.pool.fetch(
-                f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 AND type = ANY($3::text[])
-                    ORDER BY position LIMIT $2""",
+                f"""SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 AND position <= $4
+                    AND type = ANY($3::text[]) ORDER BY position LIMIT $2""",
                 after_position,
                 limit,
                 list(types),
+                until if until is not None else POSITION_UNBOUNDED,
             )
         else:
             rows = await self.pool.fetch(
