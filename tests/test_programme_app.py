@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 import pytest
 from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import rule
 
 from api.commands import OPERATIONS_BY_NAME
 from ledger import commands as cmd
@@ -65,10 +67,27 @@ class AppDriver(Driver):
 
     # -- commands ---------------------------------------------------------------------
 
+    def _dry_run_first(self, run, key: str):
+        """CONTRACT §6.5: ``run(dry_run)`` as a dry run with ``key`` changes nothing (no event, the key not
+        recorded), then for real; the dry run answered what the command then answered."""
+        head = self.run(self.ledger.store.head())
+        dry = self.run(run(True))
+        assert self.run(self.ledger.store.head()) == head, "a dry run appended"
+        assert self.run(self.ledger.store.stored_result("*", f"idem:{key}")) is None, "a dry run stored its key"
+        first = self.run(run(False))
+        assert dry.status == first.status and dry.position is None, (dry, first)
+        dry_body, body = msgspec.json.decode(dry.body), msgspec.json.decode(first.body)
+        if first.status < 300:
+            assert dry_body.pop("dry_run") is True and dry_body["position"] is None, dry_body
+            dry_body["position"] = body["position"]
+        assert dry_body == body, ("a dry run answered otherwise", dry_body, body)
+        return first
+
     def _execute(self, operation: str, member_id: str, command: cmd.Command):
         """Run a command with a fresh key, then again with the same key: one effect, one answer."""
         key = f"k{next(self.keys)}"
-        first = self.run(self.ledger.execute(operation, member_id, command, actor="state-machine", idempotency_key=key))
+        first = self._dry_run_first(lambda dry_run: self.ledger.execute(
+            operation, member_id, command, actor="state-machine", idempotency_key=key, dry_run=dry_run), key)
         head = self.run(self.ledger.store.head())
         again = self.run(self.ledger.execute(operation, member_id, command, actor="state-machine", idempotency_key=key))
         assert (again.status, again.body, again.replayed) == (first.status, first.body, True), (operation, first, again)
@@ -98,7 +117,8 @@ class AppDriver(Driver):
     def _rules(self, operation: str, command: cmd.Command):
         """A rules command with a fresh key, then again with it: one effect, one answer."""
         key = f"k{next(self.keys)}"
-        first = self.run(self.ledger.execute_rules(operation, command, actor="state-machine", idempotency_key=key))
+        first = self._dry_run_first(lambda dry_run: self.ledger.execute_rules(
+            operation, command, actor="state-machine", idempotency_key=key, dry_run=dry_run), key)
         head = self.run(self.ledger.store.head())
         again = self.run(self.ledger.execute_rules(operation, command, actor="state-machine", idempotency_key=key))
         assert (again.status, again.body, again.replayed) == (first.status, first.body, True), (operation, first, again)
@@ -204,6 +224,17 @@ class AppDriver(Driver):
 class AppMachine(ProgrammeMachine):
     def make_driver(self, programme: Programme, now: datetime) -> Driver:
         return AppDriver(programme, now)
+
+    @rule(back_days=st.integers(0, 120), length_days=st.sampled_from([1, 7, 30, 400]))
+    def a_simulation_without_changes_grants_what_was_granted(self, back_days, length_days):
+        """CONTRACT §6.5 over the random history: the same programme and campaigns grant the same."""
+        window_from = self.now - timedelta(days=back_days)
+        command = cmd.Simulate(from_=window_from, to=window_from + timedelta(days=length_days))
+        head = self.driver.run(self.driver.ledger.store.head())
+        answer = self.driver.run(self.driver.ledger.simulate(command))
+        assert (answer.simulated, answer.delta_points, answer.delta_cost_cents) == (answer.actual, 0, 0), answer
+        assert all(month.actual_points == month.simulated_points for month in answer.by_month), answer
+        assert self.driver.run(self.driver.ledger.store.head()) == head, "a simulation appended"
 
     def teardown(self) -> None:
         self.driver.close()
