@@ -297,15 +297,23 @@ class Ledger:
     async def simulate(
         self, command: cmd.Simulate, progress: Callable[[int], None] | None = None,
     ) -> SimulationAnswer:
-        """What the window's purchases would have granted under the command's changes: the log's
-        purchases and grants, read up to the head as it is now, fed to the pure ``Simulation`` in log
-        order; ``progress`` is told how many purchases each page held. Appends nothing; a Refusal
-        (the contract's code) before anything is read."""
+        """What the window's purchases would have granted under the command's changes. Appends nothing;
+        a Refusal (the contract's code) before anything is read."""
+        return await self.run_simulation(await self.prepare_simulation(command), progress)
+
+    async def prepare_simulation(self, command: cmd.Simulate) -> Simulation:
+        """The simulation of the command's window on the rules as they are now, or a Refusal."""
         await self.refresh_rules()
-        simulation = Simulation.of(
+        return Simulation.of(
             command.from_, command.to, self.rules.programmes, self.rules.campaigns,
             command.changes.settings, command.changes.campaigns,
         )
+
+    async def run_simulation(
+        self, simulation: Simulation, progress: Callable[[int], None] | None = None,
+    ) -> SimulationAnswer:
+        """The log's purchases and grants, read up to the head as it is now, fed to the pure
+        ``Simulation`` in log order; ``progress`` is told how many purchases each page held."""
         head, _hash = await self.store.head()
         after = 0
         while after < head:

@@ -504,6 +504,10 @@ class EventStore:
             )
         return [envelope_from_row(r) for r in rows]
 
+    async def count_of_type(self, event_type: str) -> int:
+        """How many events of a type the log holds (an index-only scan of events_type_position)."""
+        return await self.pool.fetchval("SELECT count(*) FROM events WHERE type = $1", event_type)
+
     async def head(self) -> tuple[int, str]:
         row = await self.pool.fetchrow("SELECT position, hash FROM event_head")
         return row["position"], row["hash"].strip()

@@ -63,6 +63,7 @@ ROLE_TABLE = {
     ("POST", "/v1/campaigns/{campaign_id}/end"): ADMIN,
     ("GET", "/v1/campaigns"): READ,
     ("GET", "/v1/campaigns/{campaign_id}"): READ,
+    ("POST", "/v1/simulations"): ADMIN,
     ("GET", "/v1/members/{member_id}"): READ_ONE,
     ("GET", "/v1/members/{member_id}/balance"): READ,
     ("GET", "/v1/members/{member_id}/tier"): READ,

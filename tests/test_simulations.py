@@ -6,12 +6,14 @@ answers; a simulation without changes grants what was granted) are in tests/test
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 
 from events.codec import rfc3339
 from tests.support import TUESDAY, running_api
+from tests.test_replay import loyalty
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,6 +52,21 @@ async def history(api) -> None:
 
 
 async def test_a_simulation_answers_what_we_computed_by_hand(api):
+    await simulate_by_hand(api)
+
+
+async def test_loyalty_simulate_prints_the_same_answer_with_a_progress_bar(api, database_url, tmp_path):
+    changes, answer = await simulate_by_hand(api)
+    path = tmp_path / "changes.json"
+    path.write_text(json.dumps(changes))
+    code, out, err = await loyalty(database_url, "simulate", "--from", WINDOW["from"], "--to", WINDOW["to"], str(path))
+    assert code == 0, err
+    assert json.loads(out) == answer and "simulate" in err and "purchase" in err  # the bar counts purchases
+    code, _out, err = await loyalty(database_url, "simulate", "--from", WINDOW["to"], "--to", WINDOW["from"], str(path))
+    assert code == 1 and json.loads(err)["code"] == "invalid_window"
+
+
+async def simulate_by_hand(api):
     await history(api)
     head = await api.head()
     changes = {
@@ -82,7 +99,11 @@ async def test_a_simulation_answers_what_we_computed_by_hand(api):
         "by_month": [{"month": "2025-01", "actual_points": 85, "simulated_points": 225}],
     }
     assert await api.head() == head  # nothing appended
+    return changes, answer
 
+
+async def test_a_simulation_without_changes_grants_what_was_granted(api):
+    await history(api)
     status, unchanged, _ = await api.post("/v1/simulations", WINDOW, role="admin")
     assert status == 200 and unchanged["delta_points"] == 0 and unchanged["simulated"] == unchanged["actual"]
 
