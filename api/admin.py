@@ -10,7 +10,7 @@ from aiohttp import web
 from api.answers import CreatedKey, JobReport
 from api.auth import ADMIN, KEYS, PRINCIPAL, Role
 from api.context import LEDGER
-from api.decoding import decode, query_time, read_body
+from api.decoding import DRY_RUN, decode, query_time, read_body
 from api.problems import HttpProblem, json_response
 from api.route import Route
 from ledger import commands as cmd
@@ -37,7 +37,7 @@ async def run_job_endpoint(request: web.Request) -> web.StreamResponse:
     ledger = request.app[LEDGER]
     as_of = query_time(request, "as_of", ledger.clock())
     log.info("job %s at %s started by %s", name, as_of.isoformat(), request[PRINCIPAL].name)
-    report = await run_job(ledger, name, as_of, actor=f"job:{name}:{request[PRINCIPAL].name}")
+    report = await run_job(ledger, name, as_of, actor=f"job:{name}:{request[PRINCIPAL].name}", dry_run=request[DRY_RUN])
     return json_response(msgspec.convert(report, JobReport))
 
 
@@ -46,5 +46,5 @@ ROUTES = [
           errors=(400, 401, 403, 408, 413, 415, 422, 429, 503), answer=CreatedKey, operation_id="create_api_key"),
     Route("POST", "/v1/jobs/{name}", run_job_endpoint, ADMIN, "Run a time job at as_of", query=("as_of",),
           parameter_schemas={"name": {"type": "string", "enum": list(JOBS)}}, answer=JobReport,
-          operation_id="run_job"),
+          operation_id="run_job", dry_run=True),
 ]

@@ -21,8 +21,8 @@ METRICS = web.AppKey("metrics", "Metrics")
 
 # Every request answers within Settings.request_deadline_s (LOYALTY_REQUEST_DEADLINE_S,
 # default 10), whatever the database does; a long poll gets its wait on top.
-# Long jobs (batch, verify, time jobs, rebuilds) are not bounded.
-_UNBOUNDED_PATHS = ("/v1/batch", "/v1/audit/verify", "/v1/jobs/", "/v1/projections/")
+# Long jobs (batch, verify, time jobs, rebuilds, simulations) are not bounded.
+_UNBOUNDED_PATHS = ("/v1/batch", "/v1/audit/verify", "/v1/jobs/", "/v1/projections/", "/v1/simulations")
 
 T = TypeVar("T")
 

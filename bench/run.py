@@ -61,6 +61,7 @@ class Plan:
     profile: bool
     rounds: int = 1  # ours and its baseline alternate this many times; the median ratio counts
     fill_cache: bool = False  # fill the member cache to its bound before the measured ingest rounds
+    simulated_purchases: int = 20_000  # stored purchases under POST /v1/simulations
 
 
 def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
@@ -68,11 +69,13 @@ def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
         return Plan(name or "quick", True, members=1000, duration_s=4, warmup_s=1,
                     stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 60_000)),
                     import_lines=6_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
-                    es_seconds=3, check_members=100, profile=profile, rounds=1)
+                    es_seconds=3, check_members=100, profile=profile, rounds=1,
+                    simulated_purchases=int(os.environ.get("BENCH_SIMULATION_PURCHASES", 20_000)))
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3,
                 stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 1_000_000)),
                 import_lines=100_000, heavy_members=20, light_members=2000, paced_s=15, paced_rate=1000,
-                es_seconds=15, check_members=300, profile=True, rounds=3, fill_cache=True)
+                es_seconds=15, check_members=300, profile=True, rounds=3, fill_cache=True,
+                simulated_purchases=int(os.environ.get("BENCH_SIMULATION_PURCHASES", 1_000_000)))
 
 
 def say(message: str) -> None:
@@ -502,6 +505,75 @@ async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
         without.stop()
 
 
+SIMULATED_TYPES = ("purchase_recorded", "points_earned", "coupon_issued")  # ledger.simulation reads these
+
+
+async def raw_read_of_types(url: str, types: tuple[str, ...], page: int = 10_000) -> dict:
+    """The events a simulation reads, read as it reads them (same query, same pages), and nothing else."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        after, count, purchases = 0, 0, 0
+        while True:
+            rows = await conn.fetch(
+                """SELECT position, stream_id, stream_version, type, schema_version, occurred_at, recorded_at,
+                          command_id, actor, programme_version, data::text AS data, hash
+                   FROM events WHERE position > $1 AND type = ANY($3::text[]) ORDER BY position LIMIT $2""",
+                after, page, list(types))
+            if not rows:
+                break
+            count += len(rows)
+            purchases += sum(1 for row in rows if row["type"] == "purchase_recorded")
+            after = rows[-1]["position"]
+        seconds = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {"events": count, "purchases": purchases, "seconds": round(seconds, 2),
+            "purchases_per_s": round(purchases / seconds, 1)}
+
+
+async def scenario_simulation(plan: Plan, db: Database, out: dict) -> None:
+    """``POST /v1/simulations`` over ``simulated_purchases`` stored purchases (a settings change and a draft
+    campaign matching half of them), against the raw read of the same events, rounds alternating."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_simulation")
+    from ledger.programme import Programme
+
+    members = max(1, plan.simulated_purchases // FILLER_PURCHASES)
+    say(f"simulation: writing {members * FILLER_PURCHASES:,} purchases of history by COPY")
+    fill = await filler.append_members(url, "s", members, FILLER_PURCHASES, Programme())
+    service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
+    now = datetime.now(timezone.utc)
+    draft = {"campaign_id": "draft-half", "name": "half the stores", "starts_at": (now - timedelta(days=40)).isoformat(),
+             "ends_at": (now + timedelta(days=1)).isoformat(), "reward": {"kind": "multiplier", "multiplier_pct": 200},
+             "conditions": {"store_ids": [f"s{n}" for n in range(25)]}, "budget_points": 10**9}
+    body = {"from": (now - timedelta(days=30)).isoformat(), "to": (now + timedelta(days=1)).isoformat(),
+            "changes": {"settings": {"earn_cents_per_point": 500}, "campaigns": [draft]}}
+    try:
+        rounds = []
+        async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            for number in range(plan.rounds):
+                say(f"simulation round {number + 1}/{plan.rounds}: the raw read, then the simulation")
+                raw = await raw_read_of_types(url, SIMULATED_TYPES)
+                started = time.perf_counter()
+                async with session.post(f"http://127.0.0.1:{service.port}/v1/simulations", json=body) as answer:
+                    simulated = await answer.json()
+                    assert answer.status == 200, simulated
+                seconds = time.perf_counter() - started
+                ours = {"purchases": simulated["purchases"], "seconds": round(seconds, 2),
+                        "purchases_per_s": round(simulated["purchases"] / seconds, 1),
+                        "delta_points": simulated["delta_points"]}
+                rounds.append((raw, ours))
+        ratios = sorted(o["purchases_per_s"] / r["purchases_per_s"] for r, o in rounds)
+        raw, ours = sorted(rounds, key=lambda pair: pair[1]["purchases_per_s"] / pair[0]["purchases_per_s"])[len(rounds) // 2]
+        out["simulation"] = {"filler": fill, "ours": ours, "raw": raw, "ratio_median": round(ratios[len(ratios) // 2], 3),
+                             "rounds_rps": [(r["purchases_per_s"], o["purchases_per_s"]) for r, o in rounds]}
+    finally:
+        service.stop()
+
+
 async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
     """`loyalty project` from nothing to the head; a raw sequential read of the same events; a rebuild."""
     import asyncpg
@@ -700,6 +772,7 @@ SCENARIOS = {
     "ingest": scenario_ingest,
     "stored": scenario_stored,
     "campaigns": scenario_campaigns,
+    "simulation": scenario_simulation,
     "heavy": scenario_heavy,
     "import": scenario_import,
     "eventsourcing": scenario_eventsourcing,

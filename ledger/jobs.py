@@ -25,8 +25,9 @@ MEMBERS_PER_PAGE = 1000
 MEMBERS_IN_FLIGHT = 16
 
 
-async def run_job(ledger, name: str, as_of: datetime, actor: str | None = None) -> dict[str, Any]:
-    """Run job ``name`` for every member; returns ``{appended, position}`` (the head after it)."""
+async def run_job(ledger, name: str, as_of: datetime, actor: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Run job ``name`` for every member; returns ``{appended, position}`` (the head after it). A dry run
+    (CONTRACT §6.5) counts what it would append, appends nothing, and answers position null."""
     command = JOBS[name](as_of=as_of)
     await ledger.refresh_rules()  # a job is decided by the version in force at its as_of, as recorded now
     appended, after = 0, ""
@@ -34,12 +35,15 @@ async def run_job(ledger, name: str, as_of: datetime, actor: str | None = None) 
         for start in range(0, len(member_ids), MEMBERS_IN_FLIGHT):
             chunk = member_ids[start : start + MEMBERS_IN_FLIGHT]
             outcomes = await asyncio.gather(
-                *(ledger.execute(f"job:{name}", member_id, command, actor=actor) for member_id in chunk)
+                *(ledger.execute(f"job:{name}", member_id, command, actor=actor, dry_run=dry_run)
+                  for member_id in chunk)
             )
             for outcome in outcomes:
                 if outcome.status >= 400:
                     raise RuntimeError(f"job {name} failed: {outcome.body.decode()}")
                 appended += msgspec.json.decode(outcome.body)["appended"]
         after = member_ids[-1]
+    if dry_run:
+        return {"job": name, "as_of": as_of, "appended": appended, "position": None, "dry_run": True}
     position, _hash = await ledger.store.head()
     return {"job": name, "as_of": as_of, "appended": appended, "position": position}

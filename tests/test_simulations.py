@@ -173,3 +173,10 @@ async def test_a_dry_run_answers_as_the_command_would_and_changes_nothing(api):
     assert await api.head() == head
     await api.ledger.refresh_rules()
     assert api.ledger.rules.campaigns.campaigns["c1"].ended_at is None
+    later = rfc3339(TUESDAY + 400 * DAY)
+    api.clock.set(TUESDAY + 400 * DAY)
+    status, dry_job, _ = await api.post(f"/v1/jobs/expire?as_of={later}&dry_run=true", role="admin")
+    assert status == 200 and dry_job["appended"] >= 1 and dry_job["position"] is None and dry_job["dry_run"], dry_job
+    assert await api.head() == head
+    status, job, _ = await api.post(f"/v1/jobs/expire?as_of={later}", role="admin")
+    assert status == 200 and job["appended"] == dry_job["appended"] and "dry_run" not in job
