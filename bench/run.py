@@ -36,6 +36,7 @@ from bench.profile import render, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEN_MILLION_RUN = "stored-10m"  # `make bench-10m` writes bench/results/stored-10m.json
+SIMULATION_RUN = "simulation"  # `make bench-simulation` writes bench/results/simulation.json
 CONNECTIONS = 64
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BATCH_LINES_PER_REQUEST = 5000
@@ -818,6 +819,16 @@ def attach_ten_million(out: dict) -> None:
                                  "catch_up": separate.get("catch_up")}
 
 
+def attach_simulation(out: dict) -> None:
+    """The simulation figure from its own run (`make bench-simulation`) when this run has none: its raw-read
+    baseline is measured in that run."""
+    path = RESULTS / f"{SIMULATION_RUN}.json"
+    if "simulation" not in out and path.exists():
+        separate = json.loads(path.read_text())
+        if "simulation" in separate:
+            out["simulation"] = {**separate["simulation"], "run": separate["name"], "started_at": separate["started_at"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (under 2 minutes)")
@@ -831,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     out = asyncio.run(run(plan, only))
     if not plan.quick and not only:
         attach_ten_million(out)
+    if not only:
+        attach_simulation(out)
     out["figures"] = report.figures(out)
     (RESULTS / f"{plan.name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(report.table(out))
