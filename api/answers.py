@@ -123,11 +123,12 @@ class RebuildStarted(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state: Literal["rebuilding"]
 
 
-class JobReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class JobReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     job: str
     as_of: Timestamp
     appended: int
-    position: int  # the log's head after the job
+    position: int | None  # the log's head after the job; null on a dry run
+    dry_run: bool = False  # CONTRACT §6.5: true on a dry run only
 
 
 class CreatedKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

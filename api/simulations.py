@@ -12,6 +12,7 @@ from api.problems import HttpProblem, json_response
 from api.route import Route
 from ledger import commands as cmd
 from ledger.errors import Refusal
+from ledger.simulation import SimulationAnswer
 
 
 async def post_simulation(request: web.Request) -> web.StreamResponse:
@@ -26,5 +27,6 @@ async def post_simulation(request: web.Request) -> web.StreamResponse:
 ROUTES = [
     Route("POST", "/v1/simulations", post_simulation, ADMIN,
           "What a changed programme and draft campaigns would have granted over a window of history",
-          body=cmd.Simulate, errors=(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)),
+          body=cmd.Simulate, answer=SimulationAnswer, operation_id="simulate",
+          errors=(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)),
 ]

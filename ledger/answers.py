@@ -101,11 +101,13 @@ class CommandAnswer(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unk
 
     position: int | None = None
     stream_version: int | None = None
+    dry_run: bool = False  # CONTRACT §6.5: true (and position null) on a dry run only
 
 
-class EnrolAnswer(MemberView, kw_only=True):
+class EnrolAnswer(MemberView, kw_only=True, omit_defaults=True):
     coupons: list[CouponView]
     position: int | None = None
+    dry_run: bool = False  # CONTRACT §6.5: true (and position null) on a dry run only
 
 
 class Reward(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
