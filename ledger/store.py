@@ -155,6 +155,14 @@ def envelope_from_row(row: asyncpg.Record) -> Envelope:
     )
 
 
+async def read_envelopes(conn_or_pool: asyncpg.Connection | asyncpg.Pool, after_position: int, limit: int) -> list[Envelope]:
+    """The log after a position, in position order, as the feed serves it (the publisher reads this way too)."""
+    rows = await conn_or_pool.fetch(
+        f"SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after_position, limit
+    )
+    return [envelope_from_row(r) for r in rows]
+
+
 async def insert_events(conn: asyncpg.Connection, rows: list[Envelope]) -> None:
     """Insert sealed envelopes with one binary COPY (appends and imports alike).
 
@@ -407,11 +415,7 @@ class EventStore:
                 list(types),
             )
         else:
-            rows = await self.pool.fetch(
-                f"SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-                after_position,
-                limit,
-            )
+            return await read_envelopes(self.pool, after_position, limit)
         return [envelope_from_row(r) for r in rows]
 
     async def head(self) -> tuple[int, str]:
