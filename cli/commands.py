@@ -11,10 +11,10 @@ import argparse
 
 import uvloop
 
-from cli import keys, log, projectors
+from cli import keys, log, projectors, publication
 from ledger.settings import Settings
 
-GROUPS = (keys, log, projectors)
+GROUPS = (keys, log, projectors, publication)
 COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}
 
 

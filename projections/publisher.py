@@ -48,13 +48,14 @@ import nats.js.errors
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
+from prometheus_client import CollectorRegistry, Gauge
 
 from events.codec import encode_json
 from events.envelope import Envelope
 from ledger.clock import Clock, system_clock
 from ledger.database import describe_url
 from ledger.store import NOTIFY_CHANNEL, read_envelopes
-from projections.runtime import LEASE_RETRY_S, Connect, _close, _lag_seconds, connection, lease_key
+from projections.runtime import LEASE_RETRY_S, MONITOR_S, Connect, _close, _lag_seconds, connection, lease_key
 
 log = logging.getLogger("loyalty.publisher")
 
@@ -213,6 +214,40 @@ async def status(conn_or_pool, stream: str = STREAM, clock: Clock = system_clock
         if reason is not None:
             entry["reason"] = reason
         return entry
+
+
+class PublicationStatus:
+    """The ``publisher`` entry of GET /v1/projections and its gauges, read from the checkpoint row.
+
+    Read from the database, not from a publisher object: the publisher that
+    leads may run in another process (another ``serve``, or ``loyalty publish``).
+    """
+
+    def __init__(self, pool, clock: Clock, registry: CollectorRegistry, stream: str = STREAM) -> None:
+        self.pool, self.clock, self.stream = pool, clock, stream
+        self.position = Gauge("loyalty_publish_position", "Last log position JetStream has acknowledged",
+                              registry=registry)
+        self.lag_events = Gauge("loyalty_publish_lag_events", "Events appended but not yet published to JetStream",
+                                registry=registry)
+        self.lag_seconds = Gauge("loyalty_publish_lag_seconds", "Age of the oldest event not yet published",
+                                 registry=registry)
+        self.failed = Gauge("loyalty_publish_failed", "1 while the publisher cannot publish (the reason is in"
+                            " GET /v1/projections)", registry=registry)
+
+    async def read(self) -> dict[str, Any]:
+        entry = await status(self.pool, self.stream, self.clock)
+        self.position.set(entry["position"])
+        self.lag_events.set(entry["lag_events"])
+        self.lag_seconds.set(entry["lag_seconds"])
+        self.failed.set(1 if entry["state"] == "failed" else 0)
+        return entry
+
+    async def monitor(self) -> None:
+        """Keep the gauges fresh between reads of GET /v1/projections."""
+        while True:
+            with contextlib.suppress(Exception):  # best effort: the publisher logs its own failures
+                await self.read()
+            await asyncio.sleep(MONITOR_S)
 
 
 # -- acks in flight -------------------------------------------------------------------------------

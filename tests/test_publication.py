@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
+from pathlib import Path
 
 import nats
 import pytest
@@ -335,3 +337,41 @@ async def test_a_stream_with_other_subjects_is_a_failed_state_until_it_is_fixed(
             await js.delete_stream(pub.STREAM)
         await wait_until_published(pool, nats_server.url)
     await assert_published_once_in_order(pool, nats_server.url)
+
+
+# -- the README's example consumer ---------------------------------------------------------------------------
+
+
+def readme_example_consumer(url: str) -> dict:
+    """The example consumer of README.md, loaded as a team would copy it (main() not yet run)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**An example consumer**"):]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"__name__": "readme_example"}
+    exec(compile(source.replace("asyncio.run(main())", "").replace("nats://127.0.0.1:4222", url), "README", "exec"),
+         namespace)
+    return namespace
+
+
+async def test_the_readme_example_consumer_reads_its_partition_once_and_in_order(pool, nats_server, database_url):
+    shop = Shop(pool)
+    await some_history(shop, members=16, purchases=2)
+    async with running(Publisher(connector(database_url), PublisherConfig(url=nats_server.url))):
+        await wait_until_published(pool, nats_server.url)
+    example = readme_example_consumer(nats_server.url)
+    expected = [e.position for e in await read_envelopes(pool, 0, 10_000)
+                if pub.partition(e.stream_id) == example["PARTITION"]]
+    assert expected, "the history must reach the example's partition"
+    handled: list[int] = []
+
+    async def handle(event: dict) -> None:
+        handled.append(event["position"])
+
+    example["handle"] = handle
+    consumer = asyncio.get_running_loop().create_task(example["main"]())
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(handled) >= len(expected)), what="the partition's events")
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    assert handled == expected
