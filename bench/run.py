@@ -343,10 +343,14 @@ async def projection_lag(url: str, port: int, plan: Plan, rate: int) -> dict:
         reached = next((tc for tc, low in checkpoints if tc >= t and low >= h), None)
         if reached is not None:
             lags_ms.append(1000 * (reached - t))
-    lags_ms.sort()
-    pick = lambda q: round(lags_ms[min(len(lags_ms) - 1, int(q * len(lags_ms)))], 1) if lags_ms else None
     return {"rate": rate, "load": load.as_dict(), "samples": len(lags_ms), "unresolved": len(heads) - len(lags_ms),
-            "lag_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": lags_ms[-1] if lags_ms else None}}
+            "lag_ms": percentiles_ms(lags_ms)}
+
+
+def percentiles_ms(lags_ms: list[float]) -> dict:
+    ordered = sorted(lags_ms)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
 
 
 def profile_service(service: env.Process, plan: Plan) -> dict:
@@ -746,10 +750,8 @@ async def publish_lag(plan: Plan, db: Database, nats_url: str, out: dict) -> dic
     finally:
         await nc.close()
         service.stop()
-    lags_ms.sort()
-    pick = lambda q: round(lags_ms[min(len(lags_ms) - 1, int(q * len(lags_ms)))], 1) if lags_ms else None
     return {"rate": rate, "max_rps": max_rps, "max_measured_here": measured_here, "load": load.as_dict(),
-            "messages": len(lags_ms), "lag_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}}
+            "messages": len(lags_ms), "lag_ms": percentiles_ms(lags_ms)}
 
 
 SCENARIOS = {

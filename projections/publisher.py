@@ -292,8 +292,10 @@ class AckWindow:
         self.changed.set()
 
     async def send(self, envelope: Envelope) -> None:
-        while len(self.in_flight) >= self.config.in_flight_max:
-            await self._wait()
+        if len(self.in_flight) >= self.config.in_flight_max:
+            # Refill by halves: one wake-up per many acks, not one per ack.
+            while len(self.in_flight) > self.config.in_flight_max // 2:
+                await self._wait()
         self._check()
         message_headers = headers(envelope)
         message_headers["Nats-Expected-Last-Sequence"] = str(self.next_sequence - 1)
