@@ -131,4 +131,18 @@ CREATE TABLE IF NOT EXISTS projection_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Publication to NATS JetStream (CONTRACT §7), one row per stream. The stream
+-- itself is the truth of what was published (the publisher reconciles with its
+-- last message at every start); this row is the publisher's progress for the
+-- status and the lag, and where it starts when the stream holds no message.
+-- `state` is `failed` (with the `reason`) while it cannot publish.
+CREATE TABLE IF NOT EXISTS publication_checkpoints (
+    stream          text        PRIMARY KEY,
+    position        bigint      NOT NULL DEFAULT 0,
+    stream_sequence bigint      NOT NULL DEFAULT 0,
+    state           text        NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'failed')),
+    reason          text,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
 INSERT INTO schema_migrations (version) VALUES (1) ON CONFLICT DO NOTHING;

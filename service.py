@@ -18,12 +18,13 @@ import uvloop
 from aiohttp import web
 
 from api.app import create_app
-from api.context import LEDGER, PROJECTION_SERVICE, SETTINGS
+from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, SETTINGS
 from cli import commands
 from ledger.database import open_database
 from ledger.jobs import JOBS, run_job
 from ledger.programme import load_programme
 from ledger.settings import Settings, SettingsError
+from projections.publisher import Publisher, PublisherConfig
 from projections.runtime import Connect, ProjectionRuntime
 
 log = logging.getLogger("loyalty.service")
@@ -47,6 +48,7 @@ async def serve(settings: Settings) -> None:
     await site.start()
     await app[LEDGER].store.start_listening(lambda: asyncpg.connect(url))
     projectors = await start_projectors(app, lambda: asyncpg.connect(url))
+    publication = start_publication(app, lambda: asyncpg.connect(url))
     log.info("loyalty ledger serving on http://%s:%d (programme version %d)", settings.host, settings.port,
              programme.version)
     stop = asyncio.Event()
@@ -59,6 +61,9 @@ async def serve(settings: Settings) -> None:
     if scheduler is not None:
         scheduler.cancel()
     await runner.cleanup()
+    for task in publication:
+        task.cancel()
+    await asyncio.gather(*publication, return_exceptions=True)
     await projectors.stop()
     await app[LEDGER].store.stop_listening()
     await pool.close()
@@ -75,6 +80,23 @@ async def start_projectors(app: web.Application, connect: Connect) -> Projection
     runtime = ProjectionRuntime(connect, app[PROJECTION_SERVICE], names=names)
     await runtime.start()
     return runtime
+
+
+def start_publication(app: web.Application, connect: Connect) -> list[asyncio.Task]:
+    """With ``LOYALTY_NATS_URL``: the publication gauges, and a publisher unless ``LOYALTY_PUBLISHER=off``.
+
+    Every process may run one: the lease keeps one publishing, a standby takes
+    over when its process dies. A publisher that cannot publish says why in its
+    state and keeps retrying; it never ends the service.
+    """
+    settings = app[SETTINGS]
+    if settings.nats_url is None:
+        return []
+    tasks = [asyncio.create_task(app[PUBLICATION].monitor(), name="publication:monitor")]
+    if settings.publisher:
+        publisher = Publisher(connect, PublisherConfig(url=settings.nats_url))
+        tasks.append(asyncio.create_task(publisher.run(), name="publication:publisher"))
+    return tasks
 
 
 async def run_scheduler(app: web.Application) -> None:

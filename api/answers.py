@@ -112,6 +112,7 @@ class ProjectionStatus(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_
     lag_seconds: float
     state: Literal["live", "rebuilding", "failed"]
     rebuild: RebuildProgress | None = None  # present while a rebuild runs beside the live tables
+    reason: str | None = None  # the publisher's (CONTRACT §7), while it is failed: why it cannot publish
 
 
 class Projections(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

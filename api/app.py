@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from api.auth import KEYS, Handler, KeyRing, allow
-from api.context import LEDGER, PROJECTION_SERVICE, ROUTE_TABLE, SETTINGS
+from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, ROUTE_TABLE, SETTINGS
 from api.decoding import BATCH_MAX_BYTES, DRY_RUN, query_bool
 from api.middleware import METRICS, Metrics, problems_and_metrics
 from api.problems import HttpProblem
@@ -16,6 +16,7 @@ from ledger.clock import Clock, system_clock
 from ledger.programme import Programme
 from ledger.settings import Settings
 from ledger.store import EventStore
+from projections.publisher import PublicationStatus
 from projections.runtime import ProjectionMetrics, ProjectionService, ensure_tables
 
 
@@ -33,6 +34,8 @@ def create_app(
     app[METRICS] = Metrics(app[LEDGER])
     app[KEYS] = KeyRing(pool, settings, clock)
     app[PROJECTION_SERVICE] = ProjectionService(pool, programme, clock, metrics=ProjectionMetrics(app[METRICS].registry))
+    if settings.nats_url is not None:
+        app[PUBLICATION] = PublicationStatus(pool, clock, app[METRICS].registry)
     app[ROUTE_TABLE] = routes
     for route in routes:
         handler = _dry_runs(route)

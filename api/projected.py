@@ -13,7 +13,7 @@ from aiohttp import web
 
 from api.answers import LedgerLine, LedgerPage, Liability, Projections, RebuildStarted, Segment, SegmentMember
 from api.auth import ADMIN, READER
-from api.context import PROJECTION_SERVICE
+from api.context import PROJECTION_SERVICE, PUBLICATION
 from api.decoding import PAGE_LIMIT_MAX, POSITION_MAX, check_id, page, path_id, query_int, query_time
 from api.problems import HttpProblem, json_response
 from api.route import Route
@@ -79,7 +79,10 @@ async def get_segment(request: web.Request) -> web.StreamResponse:
 
 
 async def get_projections(request: web.Request) -> web.StreamResponse:
-    return json_response(msgspec.convert({"projections": await request.app[PROJECTION_SERVICE].statuses()}, Projections))
+    listed = await request.app[PROJECTION_SERVICE].statuses()
+    if PUBLICATION in request.app:  # publication to NATS (CONTRACT §7) is configured
+        listed.append(await request.app[PUBLICATION].read())
+    return json_response(msgspec.convert({"projections": listed}, Projections))
 
 
 async def post_rebuild(request: web.Request) -> web.StreamResponse:

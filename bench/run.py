@@ -361,10 +361,14 @@ async def projection_lag(url: str, port: int, plan: Plan, rate: int) -> dict:
         reached = next((tc for tc, low in checkpoints if tc >= t and low >= h), None)
         if reached is not None:
             lags_ms.append(1000 * (reached - t))
-    lags_ms.sort()
-    pick = lambda q: round(lags_ms[min(len(lags_ms) - 1, int(q * len(lags_ms)))], 1) if lags_ms else None
     return {"rate": rate, "load": load.as_dict(), "samples": len(lags_ms), "unresolved": len(heads) - len(lags_ms),
-            "lag_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": lags_ms[-1] if lags_ms else None}}
+            "lag_ms": percentiles_ms(lags_ms)}
+
+
+def percentiles_ms(lags_ms: list[float]) -> dict:
+    ordered = sorted(lags_ms)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
 
 
 def profile_service(service: env.Process, plan: Plan) -> dict:
@@ -769,6 +773,100 @@ async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
     out["eventsourcing"] = results
 
 
+async def scenario_publish(plan: Plan, db: Database, out: dict) -> None:
+    """`loyalty publish` over a backlog beside the raw read of the same events; the publish lag at half the
+    maximum ingest, append to message on the stream, as a NATS subscriber sees it."""
+    from ledger.programme import Programme
+    from tests.nats_server import NatsServer
+
+    events = int(os.environ.get("BENCH_PUBLISH_EVENTS", plan.stored_events))
+    url = await db.fresh("bench_publish")
+    say(f"publish: writing {events // 54 * 54:,} events of history by COPY")
+    await filler.append_members(url, "f", events // 54, FILLER_PURCHASES, Programme())
+    say("publish: the raw sequential read of those events (pages of 1,000)")
+    raw = await raw_read(url)
+    nats_server = await NatsServer().start()
+    try:
+        backlog = await publish_backlog(url, nats_server.url)
+        lag = await publish_lag(plan, db, nats_server.url, out)
+    finally:
+        nats_server.close()
+    out["publish"] = {"backlog": backlog, "raw_read": raw, "lag": lag}
+
+
+async def publish_backlog(url: str, nats_url: str) -> dict:
+    """Seconds from starting `loyalty publish` until the stream holds the whole log (process start included)."""
+    import nats as nats_client
+
+    head = await head_position(url)
+    say(f"publish: `loyalty publish` of {head:,} events into a new stream")
+    worker = env.Process([*env.LOYALTY, "publish"], {**os.environ, "DATABASE_URL": url, "LOYALTY_NATS_URL": nats_url,
+                         "LOYALTY_LOG_LEVEL": "WARNING"}, 0, RESULTS / "logs" / "publish.log")
+    nc = await nats_client.connect(nats_url)
+    js = nc.jetstream()
+    published, first_message = 0, None
+    try:
+        started = time.perf_counter()
+        worker.start(None)
+        deadline = time.monotonic() + 1800
+        while published < head and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            try:
+                published = (await js.stream_info("LOYALTY")).state.messages
+            except Exception:  # the stream does not exist yet
+                continue
+            if published and first_message is None:
+                first_message = time.perf_counter()
+        seconds = time.perf_counter() - started
+        await js.delete_stream("LOYALTY")  # the lag run's database is another log
+    finally:
+        worker.stop()
+        await nc.close()
+    return {"events": head, "published": published, "seconds": round(seconds, 2),
+            "events_per_s": round(published / seconds, 1),
+            "seconds_from_first_message": round(seconds - (first_message - started), 2) if first_message else None}
+
+
+async def publish_lag(plan: Plan, db: Database, nats_url: str, out: dict) -> dict:
+    """Each message's arrival at a subscriber minus its event's recorded_at, purchases paced at half the maximum."""
+    import nats as nats_client
+
+    url = await db.fresh("bench_publish_lag")
+    service = service_process(url, RESULTS / "logs", {"LOYALTY_NATS_URL": nats_url}).start()
+    nc = await nats_client.connect(nats_url)
+    lags_ms: list[float] = []
+    measuring = False
+
+    async def arrived(msg) -> None:
+        if measuring:
+            recorded_at = datetime.fromisoformat(msgspec.json.decode(msg.data)["recorded_at"])
+            lags_ms.append(1000 * (time.time() - recorded_at.timestamp()))
+
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        await enrol(base, "m", plan.members)
+        if "ingest" in out:
+            max_rps, measured_here = out["ingest"]["ours"]["rps"], False
+        else:
+            say(f"publish: the maximum ingest of this service (publishing), {plan.duration_s:g} s")
+            max_rps, measured_here = purchase_load(service.port, "m", plan.members, "pubmax", plan.duration_s).rps, True
+        rate = max(50, int(max_rps / 2))
+        await nc.subscribe("loyalty.events.>", cb=arrived)
+        await asyncio.sleep(2)  # the backlog of the enrolment and the maximum run drains first
+        measuring = True
+        say(f"publish: lag while purchases arrive at {rate} req/s (half the maximum), {plan.paced_s:g} s")
+        load = await asyncio.to_thread(
+            wrk, base, "purchase_paced.lua", ["m", str(plan.members), "publag", ADMIN_KEY, str(rate), "1"],
+            connections=16, duration_s=plan.paced_s)
+        await asyncio.sleep(1)
+        measuring = False
+    finally:
+        await nc.close()
+        service.stop()
+    return {"rate": rate, "max_rps": max_rps, "max_measured_here": measured_here, "load": load.as_dict(),
+            "messages": len(lags_ms), "lag_ms": percentiles_ms(lags_ms)}
+
+
 SCENARIOS = {
     "ingest": scenario_ingest,
     "stored": scenario_stored,
@@ -777,6 +875,7 @@ SCENARIOS = {
     "heavy": scenario_heavy,
     "import": scenario_import,
     "eventsourcing": scenario_eventsourcing,
+    "publish": scenario_publish,
 }
 
 

@@ -11,10 +11,10 @@ import argparse
 
 import uvloop
 
-from cli import keys, log, programme, projectors, simulate
+from cli import keys, log, programme, projectors, publication, simulate
 from ledger.settings import Settings
 
-GROUPS = (keys, log, projectors, programme, simulate)
+GROUPS = (keys, log, projectors, programme, simulate, publication)
 COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}
 
 

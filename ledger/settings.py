@@ -40,6 +40,8 @@ class Settings:
     keepalive_s: float = 15.0  # idle connections, and request heads that never finish, are closed after this
     cache_events_max: int = CACHE_EVENTS_MAX
     log_level: str = "INFO"
+    nats_url: str | None = None  # None: no publication to NATS JetStream (CONTRACT §7)
+    publisher: bool = True  # serve runs a publisher (one leads across processes) when nats_url is set
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -59,6 +61,8 @@ class Settings:
             keepalive_s=env.positive_number("LOYALTY_KEEPALIVE_S", 15.0),
             cache_events_max=env.integer("LOYALTY_CACHE_EVENTS", CACHE_EVENTS_MAX, low=1, high=10**9),
             log_level=env.log_level("LOYALTY_LOG_LEVEL", "INFO"),
+            nats_url=env.text("LOYALTY_NATS_URL"),
+            publisher=env.switch("LOYALTY_PUBLISHER"),
         )
 
 

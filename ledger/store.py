@@ -177,6 +177,14 @@ def envelope_from_row(row: asyncpg.Record) -> Envelope:
     )
 
 
+async def read_envelopes(conn_or_pool: asyncpg.Connection | asyncpg.Pool, after_position: int, limit: int) -> list[Envelope]:
+    """The log after a position, in position order, as the feed serves it (the publisher reads this way too)."""
+    rows = await conn_or_pool.fetch(
+        f"SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after_position, limit
+    )
+    return [envelope_from_row(r) for r in rows]
+
+
 async def insert_events(conn: asyncpg.Connection, rows: list[Envelope]) -> None:
     """Insert sealed envelopes with one binary COPY (appends and imports alike), and count what
     they grant for campaigns (``campaign_spend``).
@@ -497,11 +505,7 @@ class EventStore:
                 until if until is not None else POSITION_UNBOUNDED,
             )
         else:
-            rows = await self.pool.fetch(
-                f"SELECT {_ENVELOPE_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-                after_position,
-                limit,
-            )
+            return await read_envelopes(self.pool, after_position, limit)
         return [envelope_from_row(r) for r in rows]
 
     async def count_of_type(self, event_type: str) -> int:

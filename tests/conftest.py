@@ -29,6 +29,7 @@ from ledger.database import (
     run_blocking,
     start_embedded_server,
 )
+from tests.nats_server import NatsServer
 from tests.service_process import ServiceProcess
 
 # Database names carry the pid so that two test runs can share one server.
@@ -133,3 +134,13 @@ def live_service(database_url):
         yield service
     finally:
         service.close()
+
+
+@pytest.fixture
+async def nats_server():
+    """A nats-server of the test's own (JetStream, a temporary store, a free port), stopped after it."""
+    server = NatsServer()
+    try:
+        yield await server.start()
+    finally:
+        server.close()
