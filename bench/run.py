@@ -656,8 +656,61 @@ async def scenario_eventsourcing(plan: Plan, db: Database, out: dict) -> None:
     out["eventsourcing"] = results
 
 
+READ_CONNECTIONS = 8  # as the issue measured: a handful of internal callers reading as fast as answered
+
+
+async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
+    """GET /balance of random (cached) members as fast as answered vs the no-op GET, alternating rounds;
+    then both paced at half the rate the service reached, for the p99."""
+    log_dir = RESULTS / "logs"
+    url = await db.fresh("bench_reads")
+    noop = noop_process(log_dir).start()
+    service = service_process(url, log_dir).start()
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        say(f"reads: enrolling {plan.members} members through /v1/batch")
+        await enrol(base, "r", plan.members)
+        await wait_caught_up(url, 300)
+        args = ["r", str(plan.members), ADMIN_KEY]
+        for port in (noop.port, service.port):  # warm: every member in the cache
+            wrk(f"http://127.0.0.1:{port}", "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.warmup_s)
+        rounds = []
+        for number in range(plan.rounds):
+            say(f"reads round {number + 1}/{plan.rounds}: balance GETs as fast as answered, "
+                f"{READ_CONNECTIONS} connections, {plan.duration_s:g} s, the no-op then the service")
+            baseline = wrk(f"http://127.0.0.1:{noop.port}", "balance.lua", args,
+                           connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+            ours = wrk(base, "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+            rounds.append((baseline, ours))
+        # The same reads naming a position the process has applied (as a till passing its purchase's
+        # ``position`` does): served from memory without waiting for a catch-up.
+        named = wrk(base, "balance.lua", [*args, "min_position=1"], connections=READ_CONNECTIONS,
+                    duration_s=plan.duration_s)
+        ratios = [o.rps / b.rps for b, o in rounds]
+        baseline, ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+        rate = max(50, int(ours.rps / 2))
+        say(f"reads: balance paced at {rate} req/s (half the service's maximum), {plan.paced_s:g} s, no-op then service")
+        paced_args = ["r", str(plan.members), str(rate), "1", ADMIN_KEY]
+        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua", paced_args,
+                         connections=16, duration_s=plan.paced_s)
+        paced = wrk(base, "balance_paced.lua", paced_args, connections=16, duration_s=plan.paced_s)
+        out["reads_max"] = {
+            "baseline": baseline.as_dict(),
+            "ours": ours.as_dict(),
+            "rounds_rps": [(b.rps, o.rps) for b, o in rounds],
+            "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
+            "with_min_position": named.as_dict(),
+            "paced": {"rate": rate, "baseline": paced_base.as_dict(), "ours": paced.as_dict()},
+            "cache_after": await member_cache(base),
+        }
+    finally:
+        service.stop()
+        noop.stop()
+
+
 SCENARIOS = {
     "ingest": scenario_ingest,
+    "reads": scenario_reads,
     "stored": scenario_stored,
     "heavy": scenario_heavy,
     "import": scenario_import,
