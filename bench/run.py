@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -197,13 +198,23 @@ def py_spy() -> str | None:
 # -- scenarios ---------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def beside_the_noop(db: Database, name: str):
+    """A fresh database ``name``, the service on it and the no-op baseline server; both stopped after."""
+    url = await db.fresh(name)
+    noop = noop_process(RESULTS / "logs").start()
+    service = service_process(url, RESULTS / "logs").start()
+    try:
+        yield url, noop, service
+    finally:
+        service.stop()
+        noop.stop()
+
+
 async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
     """HTTP purchase ingest vs the no-op server; RSS; CPU per command; reads at a fixed rate; the answer check."""
     log_dir = RESULTS / "logs"
-    url = await db.fresh("bench_ingest")
-    noop = noop_process(log_dir).start()
-    service = service_process(url, log_dir).start()
-    try:
+    async with beside_the_noop(db, "bench_ingest") as (url, noop, service):
         base = f"http://127.0.0.1:{service.port}"
         say(f"ingest: enrolling {plan.members} members through /v1/batch")
         enrol_s = await enrol(base, "m", plan.members)
@@ -262,9 +273,6 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
         out["lag"] = await projection_lag(url, service.port, plan, rate)
         say(f"check: {plan.check_members} balances against a replay of the log; the hash chain")
         out["check"] = await check_answers(url, base, [f"m{n}" for n in random.sample(range(plan.members), plan.check_members)])
-    finally:
-        service.stop()
-        noop.stop()
     # The write path alone: the same service with its projectors off (nothing else projects).
     service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
     try:
@@ -662,11 +670,7 @@ READ_CONNECTIONS = 8  # as the issue measured: a handful of internal callers rea
 async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
     """GET /balance of random (cached) members as fast as answered vs the no-op GET, alternating rounds;
     then both paced at half the rate the service reached, for the p99."""
-    log_dir = RESULTS / "logs"
-    url = await db.fresh("bench_reads")
-    noop = noop_process(log_dir).start()
-    service = service_process(url, log_dir).start()
-    try:
+    async with beside_the_noop(db, "bench_reads") as (url, noop, service):
         base = f"http://127.0.0.1:{service.port}"
         say(f"reads: enrolling {plan.members} members through /v1/batch")
         await enrol(base, "r", plan.members)
@@ -703,9 +707,6 @@ async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
             "paced": {"rate": rate, "baseline": paced_base.as_dict(), "ours": paced.as_dict()},
             "cache_after": await member_cache(base),
         }
-    finally:
-        service.stop()
-        noop.stop()
 
 
 SCENARIOS = {

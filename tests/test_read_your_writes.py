@@ -13,6 +13,7 @@ a floor the read must reach.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
+from ledger import commands as cmd
+from ledger.application import Ledger, fact_of
+from ledger.clock import ManualClock
+from ledger.database import create_pool
+from ledger.programme import Programme
+from ledger.state import fold
+from ledger.store import EventStore
 from tests.service_process import Client, ServiceProcess, create_key
+from tests.support import TUESDAY
 
 pytestmark = pytest.mark.asyncio
 
@@ -164,3 +173,67 @@ async def test_a_member_enrolled_through_one_process_is_found_through_the_other(
     await enrol(clients[0], "late")
     status, body, _ = await clients[1].get("/v1/members/late/balance")
     assert status == 200, body
+
+
+# -- the cache's rules, in-process: two ledgers (two "processes") with their own pools on one database ----
+
+
+@pytest.fixture
+async def two_ledgers(database_url):
+    clock = ManualClock(TUESDAY)
+    pools = [await create_pool(database_url) for _ in range(2)]
+    ledgers = [Ledger(EventStore(pool, clock), Programme(), clock) for pool in pools]
+    try:
+        await ledgers[0].follow_log()
+        yield ledgers
+    finally:
+        await ledgers[0].stop_following()
+        for pool in pools:
+            await pool.close()
+
+
+def stream_version(outcome) -> int:
+    return json.loads(outcome.body)["stream_version"]
+
+
+def bought(number: int) -> cmd.RecordPurchase:
+    return cmd.RecordPurchase(purchase_id=f"p{number}", store_id="s", amount_cents=10_000)
+
+
+async def test_a_read_shows_an_append_of_another_process_whose_notification_never_came(two_ledgers):
+    """The follower here does not LISTEN at all: only the catch-up begun by the read makes it current."""
+    reader, writer = two_ledgers
+    enrolled = await reader.execute("enrol", "m1", cmd.Enrol(member_id="m1"))
+    assert (await reader.read("m1")).version == stream_version(enrolled)  # cached now
+    outcome = await writer.execute("purchase", "m1", bought(1))
+    assert (await reader.read("m1")).version == stream_version(outcome)
+    outcome = await writer.execute("purchase", "m1", bought(2))
+    assert (await reader.read("m1", min_position=outcome.position)).version == stream_version(outcome)
+
+
+async def test_a_state_read_before_another_process_appended_is_not_cached(two_ledgers):
+    """The race of a load: its query ran before the other process's append, which the follower applies
+    while the load still holds the member's lock. The loaded state answers that load, but is not cached."""
+    reader, writer = two_ledgers
+    await reader.execute("enrol", "m1", cmd.Enrol(member_id="m1"))
+    async with reader._locks.hold("m1"):  # a load under way: its state read from the log before the purchase
+        loaded = await reader.store.read_stream("m1")
+        outcome = await writer.execute("purchase", "m1", bought(1))
+        await reader.follower.current()
+        stale = fold(fact_of(envelope) for envelope in loaded)
+        reader._remember("m1", stale)
+        assert reader._cached("m1") is None
+    assert (await reader.read("m1")).version == stream_version(outcome)
+
+
+async def test_a_member_being_changed_here_is_not_read_from_the_cache(two_ledgers):
+    """A command holding the member's lock may have evolved the cached state with events not yet
+    committed: a read waits for the lock instead of reading them."""
+    reader, _writer = two_ledgers
+    enrolled = await reader.execute("enrol", "m1", cmd.Enrol(member_id="m1"))
+    async with reader._locks.hold("m1"):
+        reading = asyncio.create_task(reader.read("m1"))
+        await asyncio.sleep(0)  # the read has started and waits for the catch-up, then the lock
+        await reader.follower.current()
+        assert not reading.done()
+    assert (await reading).version == stream_version(enrolled)
