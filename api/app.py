@@ -45,7 +45,9 @@ def create_app(
     app.on_startup.append(_seed_admin_key)
     app.on_startup.append(_start_group_commit)
     app.on_startup.append(_seed_programme)
+    app.on_startup.append(_follow_log)
     app.on_cleanup.append(_stop_group_commit)
+    app.on_cleanup.append(_stop_following)
     return app
 
 
@@ -76,6 +78,15 @@ async def _stop_group_commit(app: web.Application) -> None:
 async def _seed_programme(app: web.Application) -> None:
     """Version 1 on an empty log; the given file as the next version when it differs (CONTRACT §6.1)."""
     await app[LEDGER].refresh_rules()
+
+
+async def _follow_log(app: web.Application) -> None:
+    """Reads from the member cache (``Ledger.read``), from before the first request."""
+    await app[LEDGER].follow_log()
+
+
+async def _stop_following(app: web.Application) -> None:
+    await app[LEDGER].stop_following()
 
 
 async def _seed_admin_key(app: web.Application) -> None:

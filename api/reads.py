@@ -1,4 +1,9 @@
-"""Reads computed from a member's own events (always read-your-writes), and the auditors' log reads."""
+"""Reads computed from a member's own events (always read-your-writes), and the auditors' log reads.
+
+A member's reads take ``min_position`` (the ``position`` a write answered): a read naming a position
+this process has applied to its member cache is served from memory; any other read waits for one
+shared catch-up with the log first (README, member state cache: the consistency promise).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from aiohttp import web
 from api.answers import CouponWallet, EventsPage, IdentityOwner
 from api.auth import AUDITOR, CHECKOUT, MEMBER_READER, READER
 from api.context import LEDGER
-from api.decoding import page, path_id, query_int, query_time
+from api.decoding import POSITION_MAX, page, path_id, query_int, query_time
 from api.problems import NDJSON, HttpProblem, json_response, unexpected_failure
 from api.route import Route
 from events.codec import encode_json
@@ -26,7 +31,9 @@ from ledger.views import Balance, TierView, balance, tier_view
 async def member_state(request: web.Request, at: datetime | None = None):
     ledger = request.app[LEDGER]
     member_id = path_id(request, "member_id")
-    state = await (ledger.state_as_of(member_id, at) if at is not None else ledger.load(member_id))
+    min_position = query_int(request, "min_position", 0, 0, POSITION_MAX) or None
+    state = await (ledger.state_as_of(member_id, at, min_position) if at is not None
+                   else ledger.read(member_id, min_position))
     if not state.enrolled:
         raise HttpProblem(404, "member_not_found", f"member {member_id} does not exist; check the id")
     return state
@@ -149,12 +156,13 @@ _IDENTITY_PATH = {
 
 ROUTES = [
     Route("GET", "/v1/members/{member_id}", get_member, MEMBER_READER, "Member profile, status, tier, balance",
-          answer=MemberProfile, operation_id="get_member"),
-    Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time", query=("as_of",),
+          query=("min_position",), answer=MemberProfile, operation_id="get_member"),
+    Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time",
+          query=("as_of", "min_position"),
           answer=Balance, operation_id="get_balance"),
-    Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of",),
+    Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of", "min_position"),
           answer=TierView, operation_id="get_tier"),
-    Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status",),
+    Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status", "min_position"),
           answer=CouponWallet, operation_id="get_coupons"),
     Route("GET", "/v1/members/{member_id}/events", get_member_events, AUDITOR, "The member's stream",
           query=("after", "limit"), answer=EventsPage, operation_id="get_member_events"),

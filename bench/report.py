@@ -136,6 +136,33 @@ def figures(out: dict) -> list[dict]:
             round(p99 / p99_base, 2) if p99_base else None, "p99 < 5 ms", p99 < 5 and ours["non_2xx"] == 0,
             "ratio is p99 over the baseline's p99",
         ))
+    reads_max = out.get("reads_max")
+    if reads_max:
+        ours, base = reads_max["ours"], reads_max["baseline"]
+        rows.append(_row(
+            f"balance read, as fast as answered ({len(reads_max['rounds_rps'])} alternating rounds, median)",
+            f"{_fmt(ours['rps'], 'req/s')} (p99 {_fmt(ours['latency_ms']['p99'], 'ms')})",
+            f"no-op aiohttp GET: {_fmt(base['rps'], 'req/s')}", reads_max["ratio_median"], "≥ 0.50",
+            reads_max["ratio_median"] >= 0.50 and ours["non_2xx"] == 0,
+        ))
+        named = reads_max.get("with_min_position")
+        if named:
+            ratio = named["rps"] / base["rps"]
+            rows.append(_row(
+                "the same reads with `min_position` (a position already applied: no catch-up query)",
+                f"{_fmt(named['rps'], 'req/s')} (p99 {_fmt(named['latency_ms']['p99'], 'ms')})",
+                f"the no-op GET above: {_fmt(base['rps'], 'req/s')}", round(ratio, 3), "≥ 0.50",
+                ratio >= 0.50 and named["non_2xx"] == 0,
+            ))
+        paced = reads_max["paced"]
+        p99, p99_base = paced["ours"]["latency_ms"]["p99"], paced["baseline"]["latency_ms"]["p99"]
+        rows.append(_row(
+            f"balance read at half that rate ({paced['rate']:,} req/s)",
+            f"p50 {_fmt(paced['ours']['latency_ms']['p50'], 'ms')}, p99 {_fmt(p99, 'ms')} (at {_fmt(paced['ours']['rps'], 'req/s')})",
+            f"no-op aiohttp GET: p50 {_fmt(paced['baseline']['latency_ms']['p50'], 'ms')}, p99 {_fmt(p99_base, 'ms')}",
+            round(p99 / p99_base, 2) if p99_base else None, "p99 < 5 ms", p99 < 5 and paced["ours"]["non_2xx"] == 0,
+            "ratio is p99 over the baseline's p99",
+        ))
     lag = out.get("lag")
     if lag:
         rows.append(_lag_row(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -215,13 +216,23 @@ def alternating_rounds(plan: Plan, label: str, what: str, baseline: env.Process,
 # -- scenarios ---------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def beside_the_noop(db: Database, name: str):
+    """A fresh database ``name``, the service on it and the no-op baseline server; both stopped after."""
+    url = await db.fresh(name)
+    noop = noop_process(RESULTS / "logs").start()
+    service = service_process(url, RESULTS / "logs").start()
+    try:
+        yield url, noop, service
+    finally:
+        service.stop()
+        noop.stop()
+
+
 async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
     """HTTP purchase ingest vs the no-op server; RSS; CPU per command; reads at a fixed rate; the answer check."""
     log_dir = RESULTS / "logs"
-    url = await db.fresh("bench_ingest")
-    noop = noop_process(log_dir).start()
-    service = service_process(url, log_dir).start()
-    try:
+    async with beside_the_noop(db, "bench_ingest") as (url, noop, service):
         base = f"http://127.0.0.1:{service.port}"
         say(f"ingest: enrolling {plan.members} members through /v1/batch")
         enrol_s = await enrol(base, "m", plan.members)
@@ -280,9 +291,6 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
         out["lag"] = await projection_lag(url, service.port, plan, rate)
         say(f"check: {plan.check_members} balances against a replay of the log; the hash chain")
         out["check"] = await check_answers(url, base, [f"m{n}" for n in random.sample(range(plan.members), plan.check_members)])
-    finally:
-        service.stop()
-        noop.stop()
     # The write path alone: the same service with its projectors off (nothing else projects).
     service = service_process(url, log_dir, {"LOYALTY_PROJECTORS": "off"}).start()
     try:
@@ -867,8 +875,54 @@ async def publish_lag(plan: Plan, db: Database, nats_url: str, out: dict) -> dic
             "messages": len(lags_ms), "lag_ms": percentiles_ms(lags_ms)}
 
 
+READ_CONNECTIONS = 8  # as the issue measured: a handful of internal callers reading as fast as answered
+
+
+async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
+    """GET /balance of random (cached) members as fast as answered vs the no-op GET, alternating rounds;
+    then both paced at half the rate the service reached, for the p99."""
+    async with beside_the_noop(db, "bench_reads") as (url, noop, service):
+        base = f"http://127.0.0.1:{service.port}"
+        say(f"reads: enrolling {plan.members} members through /v1/batch")
+        await enrol(base, "r", plan.members)
+        await wait_caught_up(url, 300)
+        args = ["r", str(plan.members), ADMIN_KEY]
+        for port in (noop.port, service.port):  # warm: every member in the cache
+            wrk(f"http://127.0.0.1:{port}", "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.warmup_s)
+        rounds = []
+        for number in range(plan.rounds):
+            say(f"reads round {number + 1}/{plan.rounds}: balance GETs as fast as answered, "
+                f"{READ_CONNECTIONS} connections, {plan.duration_s:g} s, the no-op then the service")
+            baseline = wrk(f"http://127.0.0.1:{noop.port}", "balance.lua", args,
+                           connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+            ours = wrk(base, "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+            rounds.append((baseline, ours))
+        # The same reads naming a position the process has applied (as a till passing its purchase's
+        # ``position`` does): served from memory without waiting for a catch-up.
+        named = wrk(base, "balance.lua", [*args, "min_position=1"], connections=READ_CONNECTIONS,
+                    duration_s=plan.duration_s)
+        ratios = [o.rps / b.rps for b, o in rounds]
+        baseline, ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
+        rate = max(50, int(ours.rps / 2))
+        say(f"reads: balance paced at {rate} req/s (half the service's maximum), {plan.paced_s:g} s, no-op then service")
+        paced_args = ["r", str(plan.members), str(rate), "1", ADMIN_KEY]
+        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua", paced_args,
+                         connections=16, duration_s=plan.paced_s)
+        paced = wrk(base, "balance_paced.lua", paced_args, connections=16, duration_s=plan.paced_s)
+        out["reads_max"] = {
+            "baseline": baseline.as_dict(),
+            "ours": ours.as_dict(),
+            "rounds_rps": [(b.rps, o.rps) for b, o in rounds],
+            "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
+            "with_min_position": named.as_dict(),
+            "paced": {"rate": rate, "baseline": paced_base.as_dict(), "ours": paced.as_dict()},
+            "cache_after": await member_cache(base),
+        }
+
+
 SCENARIOS = {
     "ingest": scenario_ingest,
+    "reads": scenario_reads,
     "stored": scenario_stored,
     "campaigns": scenario_campaigns,
     "simulation": scenario_simulation,

@@ -34,6 +34,7 @@ from ledger.campaigns import CAMPAIGNS_STREAM, CampaignBook, Spend, add_spend, d
 from ledger.clock import Clock, system_clock
 from ledger.decide import CampaignContext, Decided, command_time, decide
 from ledger.errors import DuplicateCommand, Refusal, problem
+from ledger.follower import LogFollower
 from ledger.programme import PROGRAMME_STREAM, Programme, ProgrammeHistory, decide_change, decide_seed
 from ledger.simulation import SIMULATION_EVENT_TYPES, Simulation, SimulationAnswer
 from ledger.state import Fact, MemberState, evolve, fold
@@ -148,7 +149,11 @@ class Ledger:
         self._cached_events: dict[str, int] = {}  # each cached state's version when last remembered
         self._cached_events_total = 0
         self._snapshot_versions: dict[str, int] = {}
-        self._locks = KeyedLocks()
+        self._locks = KeyedLocks(on_idle=self._idle)
+        # Members being loaded or changed here (their lock held): the highest stream_version the
+        # log follower saw of each meanwhile, so a state read before it is not cached (``_remember``).
+        self._log_versions: dict[str, int] = {}
+        self.follower: LogFollower | None = None  # None: reads take the round trip (``read``)
 
     # -- the rules: programme versions and campaigns ------------------------------
 
@@ -344,6 +349,59 @@ class Ledger:
         async with self._locks.hold(stream_id):
             return await self._load_locked(stream_id)
 
+    async def follow_log(self) -> None:
+        """Serve reads from the cache from now on, following the log's tail (before any member is cached:
+        at start-up)."""
+        assert not self._states and self.follower is None
+        head, _hash = await self.store.head()
+        self.follower = LogFollower(self.store.stream_versions_after, self._apply_log, head)
+        self.store.head_listeners.append(self.follower.heard)
+
+    async def stop_following(self) -> None:
+        if self.follower is not None:
+            self.store.head_listeners.remove(self.follower.heard)
+            follower, self.follower = self.follower, None
+            await follower.stop()
+
+    async def read(self, stream_id: str, min_position: int | None = None) -> MemberState:
+        """The member as of a moment after this call, showing every write answered before it
+        (by any process) and, with ``min_position``, every event up to that position.
+
+        From the cache when this process has applied the log that far (README, member state
+        cache: the consistency promise); otherwise as ``load`` reads it. The state is the
+        cached object itself: use it before the next await.
+        """
+        follower = self.follower
+        if follower is None:
+            return await self.load(stream_id)
+        if min_position is not None and follower.applied >= min_position:
+            follower.read_served()
+        else:
+            try:
+                await follower.current()
+            except Exception:
+                log.warning("catching up with the log failed; reading %s from it", stream_id, exc_info=True)
+                return await self.load(stream_id)
+        state = None if self._locks.busy(stream_id) else self._cached(stream_id)
+        return state if state is not None else await self.load(stream_id)
+
+    def _apply_log(self, rows) -> None:
+        """The log's events past ``follower.applied``: drop the cached states they make stale.
+
+        A member whose lock is held is being loaded (its state out of the cache) or changed by a
+        command here (its cached state may hold the command's events, not committed yet):
+        remember what the log holds, so that ``_remember`` does not cache a state older than it.
+        """
+        for _position, stream_id, stream_version in rows:
+            if self._locks.busy(stream_id) and stream_version > self._log_versions.get(stream_id, 0):
+                self._log_versions[stream_id] = stream_version
+            state = self._states.get(stream_id)
+            if state is not None and state.version < stream_version:
+                self.forget(stream_id)
+
+    def _idle(self, stream_id: str) -> None:
+        self._log_versions.pop(stream_id, None)
+
     async def _load_locked(self, stream_id: str) -> MemberState:
         """Cached state plus any events appended since (by this or another process).
 
@@ -383,7 +441,14 @@ class Ledger:
         return state
 
     def _remember(self, stream_id: str, state: MemberState) -> None:
-        """Cache (or re-cache, after it grew) a state; evict the least recently used beyond the bounds."""
+        """Cache (or re-cache, after it grew) a state; evict the least recently used beyond the bounds.
+
+        Not a state older than an event the log follower has applied: another process appended
+        meanwhile, and a read served from the cache would miss it.
+        """
+        if state.version < self._log_versions.get(stream_id, 0):
+            self.forget(stream_id)
+            return
         self._states[stream_id] = state
         self._states.move_to_end(stream_id)
         self._cached_events_total += state.version - self._cached_events.get(stream_id, 0)
@@ -400,9 +465,9 @@ class Ledger:
         self._cached_events_total -= self._cached_events.pop(stream_id, 0)
         self._snapshot_versions.pop(stream_id, None)
 
-    async def state_as_of(self, stream_id: str, at: datetime) -> MemberState:
-        """The member as the events with occurred_at <= ``at`` make it (log order)."""
-        state = await self.load(stream_id)
+    async def state_as_of(self, stream_id: str, at: datetime, min_position: int | None = None) -> MemberState:
+        """The member as the events with occurred_at <= ``at`` make it (log order); read as ``read`` reads."""
+        state = await self.read(stream_id, min_position)
         if state.latest_occurred_at is None or state.latest_occurred_at <= at:
             return state
         facts, after = [], 0
@@ -695,8 +760,12 @@ def _identity_taken(identity_type: str, value: str) -> Refusal:
 class KeyedLocks:
     """One asyncio lock per key, dropped when nobody holds or waits for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_idle: Callable[[str], None] = lambda key: None) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._on_idle = on_idle  # told when nobody holds or waits for a key any more
+
+    def busy(self, key: str) -> bool:
+        return key in self._locks
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str):
@@ -710,6 +779,7 @@ class KeyedLocks:
             lock, users = self._locks[key]
             if users == 1:
                 del self._locks[key]
+                self._on_idle(key)
             else:
                 self._locks[key] = (lock, users - 1)
 

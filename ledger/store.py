@@ -272,6 +272,7 @@ class EventStore:
         self._relisten: asyncio.Task | None = None
         self._head_seen = 0
         self._head_changed = asyncio.Condition()
+        self.head_listeners: list[Callable[[int], None]] = []  # told each position a notification names
         self._group: GroupCommit | None = None
 
     # -- appending -----------------------------------------------------------
@@ -512,6 +513,15 @@ class EventStore:
         """How many events of a type the log holds (an index-only scan of events_type_position)."""
         return await self.pool.fetchval("SELECT count(*) FROM events WHERE type = $1", event_type)
 
+    async def stream_versions_after(self, after_position: int, limit: int) -> list[tuple[int, str, int]]:
+        """``(position, stream_id, stream_version)`` of the events after ``after_position``, in log order."""
+        rows = await self.pool.fetch(
+            "SELECT position, stream_id, stream_version FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+            after_position,
+            limit,
+        )
+        return [tuple(row) for row in rows]
+
     async def head(self) -> tuple[int, str]:
         row = await self.pool.fetchrow("SELECT position, hash FROM event_head")
         return row["position"], row["hash"].strip()
@@ -604,6 +614,8 @@ class EventStore:
 
     def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
         position = int(payload)
+        for listener in self.head_listeners:
+            listener(position)
         if position > self._head_seen:
             self._head_seen = position
             asyncio.get_running_loop().create_task(self._wake())
