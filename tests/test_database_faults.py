@@ -51,6 +51,7 @@ class Retrying:
     def __init__(self, base_url: str, key: str) -> None:
         self.base_url, self.key = base_url, key
         self.unavailable = 0
+        self.disconnected = 0
         self.slowest_s = 0.0
         self.answers: dict[str, tuple[int, dict]] = {}
 
@@ -64,6 +65,11 @@ class Retrying:
                     status, answer, headers = response.status, await response.json(content_type=None), dict(response.headers)
             except asyncio.TimeoutError:
                 raise AssertionError(f"{path} hung for more than {CLIENT_TIMEOUT.total} s") from None
+            except aiohttp.ServerDisconnectedError:
+                # A kept-alive connection the service closed meanwhile (as after a 503 at its
+                # deadline): a client holding an Idempotency-Key sends the request again.
+                self.disconnected += 1
+                continue
             self.slowest_s = max(self.slowest_s, time.monotonic() - started)
             assert status != 500, answer
             if status == 503:
