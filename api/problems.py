@@ -12,6 +12,7 @@ from aiohttp import web
 
 from events.codec import encode_json
 from ledger.application import Outcome
+from ledger.commands import ID_PATTERN
 from ledger.errors import problem
 
 log = logging.getLogger("loyalty.service")
@@ -56,7 +57,9 @@ def validation_problem(error: msgspec.ValidationError) -> HttpProblem:
     if "unknown field" in message:
         field_path = message.split("`")[1] if "`" in message else field_path
     leaf = (field_path or "").split(".")[-1].split("[")[0]
-    if ("matching regex" in message or "length" in message) and (leaf.endswith("_id") or leaf.endswith("_ref")):
+    named_id = leaf.endswith("_id") or leaf.endswith("_ref")
+    # Or any field of the id type: referred_by (a member id), an activity's ref.
+    if (("matching regex" in message or "length" in message) and named_id) or ID_PATTERN in message:
         return HttpProblem(422, "invalid_id", f"{leaf} must be 1-64 characters of A-Z a-z 0-9 . _ : -", field=field_path)
     return HttpProblem(422, "validation_failed", message, field=field_path)
 

@@ -42,6 +42,7 @@ class MemberEnrolled(Event, tag="member_enrolled", kw_only=True):
     member_id: str
     identities: list[Identity]
     birthday: str | None = None
+    referred_by: str | None = None
 
 
 class IdentityLinked(Event, tag="identity_linked", kw_only=True):
@@ -72,6 +73,9 @@ class PointsEarned(Event, tag="points_earned", kw_only=True):
     # Set on a campaign's reward for the purchase (CONTRACT §6.2): its own
     # bucket ``c:<campaign_id>:<purchase_id>``, growth 0.
     campaign_id: str | None = None
+    # A referrer's reward for a referee's first purchase (§6.4): the referee's member id;
+    # purchase_id is null then, growth 0, bucket r:<referee_id>.
+    referral_of: str | None = None
 
 
 class PurchaseReturned(Event, tag="purchase_returned", kw_only=True):
@@ -150,7 +154,7 @@ class CouponIssued(Event, tag="coupon_issued", kw_only=True):
     min_spend_cents: int
     valid_from: datetime
     expires_at: datetime
-    source: str  # admin | welcome | birthday | points | campaign
+    source: str  # admin | welcome | birthday | points | campaign | referral
     points_cost: int = 0
     buckets: list[BucketPoints] = []
     # Burned points the expire job had already written off as expired (a late

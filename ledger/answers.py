@@ -52,6 +52,8 @@ class MemberView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     identities: list[IdentityView]
     birthday: str | None
     enrolled_at: cmd.Timestamp | None
+    referred_by: str | None  # CONTRACT §6.4
+    referrals_rewarded: int  # referees whose first purchase rewarded this member
     tier: TierView
     balance: Balance
     stream_version: int
@@ -82,6 +84,8 @@ def _member_fields(state: MemberState, at: datetime, programme: Programme) -> di
         "identities": [IdentityView(type=i.type, value=i.value) for i in state.identities],
         "birthday": state.birthday,
         "enrolled_at": state.enrolled_at,
+        "referred_by": state.referred_by,
+        "referrals_rewarded": len(state.referral_rewards),
         "tier": tier_view(state, at, programme),
         "balance": balance(state, at),
         "stream_version": state.version,
@@ -116,6 +120,12 @@ class Reward(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     campaign_id: str
     points: int
     coupon_id: str | None
+class ReferralAnswer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a referee's qualifying first purchase granted (CONTRACT §6.4); referrer_points 0 when capped."""
+
+    referrer_id: str
+    referrer_points: int
+    coupon_id: str
 
 
 class PurchaseAnswer(CommandAnswer, kw_only=True):
@@ -126,6 +136,7 @@ class PurchaseAnswer(CommandAnswer, kw_only=True):
     growth: int
     tier: str
     debt_paid: int
+    referral: ReferralAnswer | None = None  # absent when nothing was granted
 
 
 class ReturnAnswer(CommandAnswer, kw_only=True):

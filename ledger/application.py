@@ -28,8 +28,8 @@ from events.codec import encode_json, from_data
 from events.envelope import Envelope
 from events import catalogue as ev
 from ledger import commands as cmd
-from ledger import settings
-from ledger.answers import JobAnswer, answer, with_position
+from ledger import referrals, settings
+from ledger.answers import JobAnswer, ReferralAnswer, answer, with_position
 from ledger.campaigns import CAMPAIGNS_STREAM, CampaignBook, Spend, add_spend, decide_create, decide_end, grants_in
 from ledger.clock import Clock, system_clock
 from ledger.decide import CampaignContext, Decided, command_time, decide
@@ -559,8 +559,8 @@ class Ledger:
                     programme, decided = self._decide(state, request.command)
                 except (Refusal, DuplicateCommand):
                     break
-                if not decided:
-                    break
+                if not decided or _touches_other_streams(request.command, decided):
+                    break  # run alone by ``execute``, which decides the other streams' part too
                 appends.append(self._prepare_append(
                     stream_id, state, request.command, programme, decided, request.fingerprint, request.actor,
                     request.idempotency_key,
@@ -645,12 +645,22 @@ class Ledger:
             if dry_run:
                 return await self._dry_run(stream_id, state, command, programme, decided, fingerprint)
             try:
+                together, answer_extra = await self._other_streams(
+                    stream_id, state, command, programme, decided, actor, idempotency_key
+                )
+            except Refusal as refusal:
+                if not checked:
+                    continue
+                return _refusal_outcome(refusal)
+            try:
                 append = self._prepare_append(
-                    stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key
+                    stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key, together,
+                    answer_extra,
                 )
                 recorded = await self.store.append(append)
-            except WrongExpectedVersion:
+            except WrongExpectedVersion as conflict:
                 self.forget(stream_id)
+                self.forget(conflict.stream_id)  # a referrer's cached state, when it was that stream
                 continue
             except RulesChanged:
                 self.forget(stream_id)  # the in-place evolve has run
@@ -673,30 +683,73 @@ class Ledger:
             status, body = append.answer
             self._note_grants(append)
             self._remember(stream_id, state)  # it grew: count its new events against the cache's bound
+            for part in together:  # its cached state lacks what was appended to it: read it again when needed
+                async with self._locks.hold(part.stream_id):
+                    self.forget(part.stream_id)
             try:  # the state now includes the events just appended
                 await self._maybe_snapshot(stream_id, state)
             except Exception:  # a snapshot is only a cache; the command has succeeded
                 log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
-            return Outcome(status, body, position=recorded[-1].position)
+            return Outcome(status, body, position=_last_position(append))
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
+
+    async def _other_streams(
+        self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme, decided: list[Decided],
+        actor: str | None, idempotency_key: str | None,
+    ) -> tuple[list[Append], dict]:
+        """What a command needs of other members (CONTRACT §6.4), and what that adds to its answer.
+
+        An enrolment's referrer must exist (422 ``referrer_not_found``). A
+        referee's qualifying first purchase rewards the referrer: decided on
+        the referrer's state as read now, appended with the purchase at the
+        version that state had, so two referees' rewards racing from two
+        processes cannot both pass the referrer's monthly cap. A capped
+        referrer gets nothing appended: only more rewards can land meanwhile,
+        so a cap reached stays reached.
+        """
+        if isinstance(command, cmd.Enrol) and command.referred_by is not None:
+            if not (await self.load(command.referred_by)).enrolled:
+                raise Refusal(422, "referrer_not_found", f"member {command.referred_by} does not exist", field="referred_by")
+            return [], {}
+        coupon = referrals.referee_coupon(d.event for d in decided)
+        if coupon is None or state.referred_by is None:
+            return [], {}
+        referrer_id = state.referred_by
+        async with self._locks.hold(referrer_id):  # referee, then referrer: a referrer enrolled first, so no cycle
+            referrer = await self._load_locked(referrer_id)
+            at = decided[0].occurred_at
+            reward = referrals.referrer_reward(referrer, stream_id, at, programme)
+            version = referrer.version
+        referral = ReferralAnswer(
+            referrer_id=referrer_id, referrer_points=reward.points if reward else 0, coupon_id=coupon.coupon_id
+        )
+        if reward is None:
+            return [], {"referral": referral}
+        together = Append(
+            stream_id=referrer_id, expected_version=version, events=[NewEvent(at, reward)], command_id=idempotency_key,
+            actor=actor, programme_version=programme.version,
+        )
+        return [together], {"referral": referral}
 
     def _prepare_append(
         self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme, decided: list[Decided],
-        fingerprint: str, actor: str | None, idempotency_key: str | None,
+        fingerprint: str, actor: str | None, idempotency_key: str | None, together: Sequence[Append] = (),
+        answer_extra: dict | None = None,
     ) -> Append:
         """The append of a decided command; evolves ``state`` with its events and builds its answer.
 
         In place and before the commit: the caller holds the member's lock, and
-        forgets the cached state if the append fails.
+        forgets the cached state if the append fails. ``together``: other
+        streams' events that commit with it (their states are not evolved here).
         """
         expected_version = state.version
         for offset, new in enumerate(decided, start=1):
             evolve(state, Fact(new.event, new.occurred_at, expected_version + offset))
-        body = answer(command, state, decided, programme)
+        body = msgspec.structs.replace(answer(command, state, decided, programme), **(answer_extra or {}))
         keys = [ResultKey(stream_id, natural_key, fingerprint) for natural_key in _natural_keys(command)]
         if idempotency_key is not None:
             keys.append(ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint))
-        return Append(
+        append = Append(
             stream_id=stream_id,
             expected_version=expected_version,
             events=[NewEvent(d.occurred_at, d.event) for d in decided],
@@ -707,8 +760,11 @@ class Ledger:
             result_keys=keys,
             rules=self.rules.seen(),
             grants=grants_in((d.event for d in decided), self.rules.campaigns),
-            respond=lambda recorded: (201, with_position(body, recorded[-1].position, recorded[-1].stream_version)),
+            # The answer's position is the highest the command appended, its stream_version the member's own.
+            respond=lambda recorded: (201, with_position(body, _last_position(append), recorded[-1].stream_version)),
+            together=together,
         )
+        return append
 
     async def _dry_run(
         self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme,
@@ -782,6 +838,18 @@ class KeyedLocks:
                 self._on_idle(key)
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+def _last_position(append: Append) -> int:
+    """The highest position a sealed append (and what it appended together with it) got."""
+    return max(part.recorded[-1].position for part in (append, *append.together))
+
+
+def _touches_other_streams(command: cmd.Command, decided: list[Decided]) -> bool:
+    """An enrolment naming a referrer, or a referee's purchase that rewards one."""
+    if isinstance(command, cmd.Enrol):
+        return command.referred_by is not None
+    return referrals.referee_coupon(d.event for d in decided) is not None
 
 
 def _natural_keys(command: cmd.Command) -> list[str]:

@@ -41,6 +41,7 @@ class Enrol(Command, kw_only=True):
     identities: Annotated[list[IdentityIn], msgspec.Meta(max_length=16)] = []
     birthday: Birthday | None = None
     enrolled_at: Timestamp | None = None
+    referred_by: Id | None = None  # the referrer's member id (CONTRACT §6.4)
 
 
 class RecordPurchase(Command, kw_only=True):

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import msgspec
 
 from events import catalogue as ev
-from ledger import activities
+from ledger import activities, referrals
 from ledger import commands as cmd
 from ledger.campaigns import CampaignBook, CouponReward, Grant, PurchaseFacts, Spend, rewards
 from ledger.errors import DuplicateCommand, Refusal, not_found
@@ -150,6 +150,8 @@ def _enrol(state: MemberState, command: cmd.Enrol, programme: Programme, now: da
     if state.enrolled:
         raise Refusal(409, "member_exists", f"member {state.member_id} is already enrolled")
     assert command.member_id, "the application assigns a member_id before deciding"
+    if command.referred_by == command.member_id:
+        raise Refusal(422, "self_referral", "a member cannot refer itself", field="referred_by")
     at = business_time(command.enrolled_at, programme, now)
     seen = set()
     for identity in command.identities:
@@ -157,7 +159,10 @@ def _enrol(state: MemberState, command: cmd.Enrol, programme: Programme, now: da
             raise Refusal(422, "validation_failed", "an identity is listed twice", field="identities")
         seen.add((identity.type, identity.value))
     identities = [ev.Identity(i.type, i.value) for i in command.identities]
-    decided = [Decided(at, ev.MemberEnrolled(member_id=command.member_id, identities=identities, birthday=command.birthday))]
+    enrolled = ev.MemberEnrolled(
+        member_id=command.member_id, identities=identities, birthday=command.birthday, referred_by=command.referred_by
+    )
+    decided = [Decided(at, enrolled)]
     decided += [Decided(at, ev.IdentityLinked(identity_type=i.type, value=i.value)) for i in identities]
     decided += [
         Decided(at, _coupon_from_template(f"welcome-{n}", template, "welcome", at))
@@ -218,6 +223,12 @@ def _purchase(
         campaigns.book.running_at(at), campaigns.spend, state.campaign_rewards, facts, programme
     )
     decided += _campaign_rewards(state, command, grants, campaigns.book, decided[1].event, at, programme)
+    if referrals.qualifies(state, command.amount_cents, at, programme):
+        # The referee's part of the referral; the application adds the referrer's (another stream).
+        coupon = _coupon_from_template(
+            referrals.REFEREE_COUPON_ID, programme.referral.referee_coupon, referrals.REFEREE_COUPON_SOURCE, at
+        )
+        decided.append(Decided(at, coupon))
     return decided + _upgrade(state, tier, growth, command.purchase_id, at, programme)
 
 

@@ -76,6 +76,16 @@ def _default_activities() -> list[Activity]:
     ]
 
 
+class ReferralRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """CONTRACT §6.4: what a referee's qualifying first purchase grants; monthly_cap 0 means none."""
+
+    referrer_points: NonNegative = 20
+    referee_coupon: CouponTemplate = CouponTemplate("REFERRAL10", 1000, 5000, 30)
+    min_first_purchase_cents: NonNegative = 5000
+    within_days: NonNegative = 30
+    monthly_cap: NonNegative = 10
+
+
 def _default_tiers() -> list[Tier]:
     return [Tier("regular", 0, 100), Tier("silver", 3000, 120), Tier("gold", 6000, 150)]
 
@@ -110,6 +120,7 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     loyal_orders_30d: Count = 4
     max_backdate_days: Count = 30
     activities: list[Activity] = msgspec.field(default_factory=_default_activities)
+    referral: ReferralRule = ReferralRule()
 
     def __post_init__(self) -> None:
         # Messages start with the setting's name: ``validated`` names it in invalid_programme.

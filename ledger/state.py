@@ -186,6 +186,9 @@ class MemberState:
     adjustments: set[str] = field(default_factory=set)
     coupons: dict[str, Coupon] = field(default_factory=dict)
     activities: dict[str, Activity] = field(default_factory=dict)
+    referred_by: str | None = None
+    # Referees whose first purchase rewarded this member, with that purchase's occurred_at.
+    referral_rewards: dict[str, datetime] = field(default_factory=dict)
     tier: str | None = None  # None: the programme's lowest tier
     hold_until: datetime | None = None
     upgrades: list[Upgrade] = field(default_factory=list)
@@ -249,6 +252,7 @@ def _enrolled(state: MemberState, event: ev.MemberEnrolled, fact: Fact) -> None:
     state.member_id = event.member_id
     state.enrolled_at = fact.occurred_at
     state.birthday = event.birthday
+    state.referred_by = event.referred_by
 
 
 def _identity_linked(state: MemberState, event: ev.IdentityLinked, fact: Fact) -> None:
@@ -269,9 +273,12 @@ def _purchase_recorded(state: MemberState, event: ev.PurchaseRecorded, fact: Fac
 def _points_earned(state: MemberState, event: ev.PointsEarned, fact: Fact) -> None:
     state.totals.earned += event.points
     state.debt -= event.debt_paid
-    if event.activity_id is not None:
+    credited_for = event.activity_id or event.referral_of
+    if event.referral_of is not None:
+        state.referral_rewards[event.referral_of] = fact.occurred_at
+    if credited_for is not None:  # not a purchase's
         if event.bucket is not None:
-            _credit_bucket(state, event.bucket, event.activity_id, fact)
+            _credit_bucket(state, event.bucket, credited_for, fact)
         return
     purchase = state.purchases[event.purchase_id]
     # What a return claws from: the regular points plus every campaign's.

@@ -32,7 +32,7 @@ NOTIFY_CHANNEL = "loyalty_events"
 GROUP_BATCH_MAX = 500  # commands in one group-commit transaction
 GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 # Bump when MemberState's shape changes: older snapshots are then ignored.
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5
 MAX_READ_LIMIT = 10_000
 POSITION_UNBOUNDED = 2**62
 MAX_WAIT_MS = 30_000
@@ -123,6 +123,9 @@ class Append:
     # A member's command: the rules its decision saw, and the campaign rewards it grants.
     rules: RulesSeen | None = None
     grants: Sequence[Grant] = ()
+    # Other streams' events that commit with this command's or not at all (a referral's
+    # referrer, CONTRACT §6.4), each checked at its own expected version.
+    together: Sequence[Append] = ()
     # Filled in by the store:
     recorded: list[Envelope] = field(default_factory=list)
     answer: tuple[int, bytes] = (201, b"{}")
@@ -324,22 +327,26 @@ class EventStore:
                 versions = await self._stream_versions(conn, appends)
                 spend = await self._campaign_spend(conn, appends)
                 for append in appends:
-                    append.recorded, append.results = [], []  # an append retried alone (GroupCommit) starts afresh
+                    parts = (append, *append.together)  # all or nothing
+                    for part in parts:
+                        part.recorded, part.results = [], []  # an append retried alone (GroupCommit) starts afresh
                     try:
-                        self._check_and_reserve(append, answered, versions)
+                        for part in parts:
+                            self._check_and_reserve(part, answered, versions)
                         _check_rules(append, versions, spend)
                         if append.identities:
                             async with conn.transaction():  # a savepoint: a taken identity undoes this command's links only
                                 await self._link_identities(conn, append)
-                        answered.update((k.stream_id, k.command_key) for k in append.result_keys)
+                        answered.update((k.stream_id, k.command_key) for part in parts for k in part.result_keys)
                     except _APPEND_REFUSALS as refusal:
                         outcomes.append(refusal)
                         continue
-                    recorded = self._seal(append, head_position, head_hash, versions)
+                    for part in parts:
+                        recorded = self._seal(part, head_position, head_hash, versions)
+                        head_position, head_hash = recorded[-1].position, recorded[-1].hash
+                        rows.extend(recorded)
                     self._answer(append)
-                    head_position, head_hash = recorded[-1].position, recorded[-1].hash
-                    rows.extend(recorded)
-                    outcomes.append(recorded)
+                    outcomes.append(append.recorded)
                 if rows:
                     await insert_events(conn, rows)
                     await conn.execute(
@@ -373,7 +380,7 @@ class EventStore:
     async def _stream_versions(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, int]:
         """Each of the batch's streams' current version (0 for a new stream); and the rules'
         streams' when a command of the batch was decided on them."""
-        streams = {append.stream_id for append in appends}
+        streams = {part.stream_id for append in appends for part in (append, *append.together)}
         if any(append.rules is not None for append in appends):
             streams |= {PROGRAMME_STREAM, CAMPAIGNS_STREAM}
         rows = await conn.fetch(

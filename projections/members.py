@@ -46,7 +46,7 @@ EVENT_TYPES = frozenset(
 SUMMARY_COLUMNS = (
     "stream_id", "enrolled_at", "birthday", "status", "tier", "hold_until", "debt",
     "lifetime_earned", "lifetime_clawed", "lifetime_adjusted", "lifetime_redeemed", "lifetime_written_off",
-    "first_purchase_at", "last_purchase_at",
+    "first_purchase_at", "last_purchase_at", "referred_by", "referrals_rewarded",
 )
 PURCHASE_COLUMNS = (
     "stream_id", "purchase_id", "store_id", "occurred_at", "amount_cents", "points", "growth", "returned_cents", "position",
@@ -73,8 +73,13 @@ def ddl(target: Target) -> list[str]:
             lifetime_redeemed    bigint NOT NULL,
             lifetime_written_off bigint NOT NULL,
             first_purchase_at    timestamptz,
-            last_purchase_at     timestamptz
+            last_purchase_at     timestamptz,
+            referred_by          text,           -- CONTRACT §6.4
+            referrals_rewarded   integer NOT NULL DEFAULT 0
         )""",
+        # A table made before referrals (§6.4) gains their columns.
+        f"""ALTER TABLE {summary} ADD COLUMN IF NOT EXISTS referred_by text,
+            ADD COLUMN IF NOT EXISTS referrals_rewarded integer NOT NULL DEFAULT 0""",
         # Dormant and active segments are ranges of last_purchase_at.
         f"CREATE INDEX IF NOT EXISTS {summary}_by_last_purchase ON {summary} (last_purchase_at)",
         f"""CREATE TABLE IF NOT EXISTS {purchases} (
@@ -179,6 +184,7 @@ def _enrolled(rows: _Batch, envelope: FeedEnvelope, event: ev.MemberEnrolled) ->
             "status": "prospect", "tier": None, "hold_until": None, "debt": 0,
             "lifetime_earned": 0, "lifetime_clawed": 0, "lifetime_adjusted": 0, "lifetime_redeemed": 0,
             "lifetime_written_off": 0, "first_purchase_at": None, "last_purchase_at": None,
+            "referred_by": event.referred_by, "referrals_rewarded": 0,
         }
     )
 
@@ -209,6 +215,8 @@ def _points_earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned)
     summary = _summary(rows, envelope)
     summary["lifetime_earned"] += event.points
     summary["debt"] -= event.debt_paid
+    if event.referral_of is not None:
+        summary["referrals_rewarded"] += 1
 
 
 def _purchase(rows: _Batch, envelope: FeedEnvelope, purchase_id: str) -> Row:

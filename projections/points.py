@@ -180,13 +180,19 @@ def _burned(rows: _Batch, envelope: FeedEnvelope, kind: str, event, ref: str, re
         rows.line(envelope, "expire", part.points, part.bucket_id, ref, "expiry taken back: spent before expires_at")
 
 
+def _earned_for(event: ev.PointsEarned) -> tuple[str, str, str]:
+    """The ledger kind, ref and reason of a credit: a purchase's, a campaign's, an activity's or a referral's."""
+    if event.activity_id is not None:
+        return "activity", event.activity_id, "activity"
+    if event.referral_of is not None:
+        return "referral", event.referral_of, f"referral: first purchase of {event.referral_of}"
+    if event.campaign_id is not None:
+        return "campaign", event.purchase_id or "", f"campaign {event.campaign_id}"
+    return "earn", event.purchase_id or "", "purchase"
+
+
 def _earned(rows: _Batch, envelope: FeedEnvelope, event: ev.PointsEarned) -> None:
-    if event.activity_id:
-        kind, ref, reason = "activity", event.activity_id, "activity"
-    elif event.campaign_id is not None:
-        kind, ref, reason = "campaign", event.purchase_id, f"campaign {event.campaign_id}"
-    else:
-        kind, ref, reason = "earn", event.purchase_id, "purchase"
+    kind, ref, reason = _earned_for(event)
     if event.bucket is not None:
         rows.credit(envelope, event.bucket, ref)
         rows.line(envelope, kind, event.bucket.amount, event.bucket.bucket_id, ref, reason)

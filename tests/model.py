@@ -142,6 +142,8 @@ class Member:
     # (cause purchase, from tier, from hold); the cause is None for an activity's upgrade: no return undoes it.
     upgrades: list[tuple[str | None, str, datetime | None]] = field(default_factory=list)
     activities: dict[str, Activity] = field(default_factory=dict)
+    referred_by: str | None = None
+    referral_rewards: dict[str, datetime] = field(default_factory=dict)  # referee -> its first purchase's date
     coupons: dict[str, Coupon] = field(default_factory=dict)
     times: list[datetime] = field(default_factory=list)  # occurred_at of everything recorded, log order
     rewarded: dict[str, list[datetime]] = field(default_factory=dict)  # campaign -> occurred_at of its rewards
@@ -421,13 +423,18 @@ class Model:
 
     # -- commands ----------------------------------------------------------------
 
-    def enrol(self, member_id: str, birthday: str | None = None, enrolled_at: datetime | None = None):
+    def enrol(self, member_id: str, birthday: str | None = None, enrolled_at: datetime | None = None,
+              referred_by: str | None = None):
         if member_id in self.members:
             return Refused(409, "member_exists")
+        if referred_by == member_id:
+            return Refused(422, "self_referral")
         at = self._time(enrolled_at)
         if isinstance(at, Refused):
             return at
-        m = Member(member_id, at, birthday)
+        if referred_by is not None and referred_by not in self.members:
+            return Refused(422, "referrer_not_found")
+        m = Member(member_id, at, birthday, referred_by=referred_by)
         self.members[member_id] = m
         ids = []
         for n, template in enumerate(self.p.welcome_pack, start=1):
@@ -450,6 +457,7 @@ class Model:
         if isinstance(at, Refused):
             return at
         p = self.programme_at(at)
+        referral = self._referral(m, amount_cents, at, p)
         tier, hold = self.tier_now(m)
         tier_pct = self.p.tiers[self._tier_index(tier)].multiplier_pct
         weekday = WEEKDAY_NAMES[at.astimezone(self.zone).weekday()]
@@ -472,7 +480,32 @@ class Model:
             "growth": growth,
             "tier": self.tier_now(m)[0],
             "debt_paid": paid,
+            "referral": referral,
         }
+
+    def _referral(self, m: Member, amount_cents: int, at: datetime, p: Programme) -> dict | None:
+        """CONTRACT §6.4, on the referee's first purchase (called before it is recorded)."""
+        rule = p.referral
+        if m.referred_by is None or m.purchases:
+            return None
+        if amount_cents < rule.min_first_purchase_cents or at >= m.enrolled_at + timedelta(days=rule.within_days):
+            return None
+        template = rule.referee_coupon
+        m.coupons["referral-1"] = Coupon(
+            "referral-1", at, at, at + timedelta(hours=24 * template.valid_days), template.min_spend_cents
+        )
+        referrer = self.members[m.referred_by]
+        month = at.astimezone(self.zone).strftime("%Y-%m")
+        this_month = [t for t in referrer.referral_rewards.values() if t.astimezone(self.zone).strftime("%Y-%m") == month]
+        points = rule.referrer_points
+        if points == 0 or (rule.monthly_cap and len(this_month) >= rule.monthly_cap):
+            points = 0
+        else:
+            referrer.referral_rewards[m.member_id] = at
+            referrer.totals.append((at, "earned", points))
+            self._credit(referrer, f"r:{m.member_id}", at, at + timedelta(days=p.pending_days), points, p)
+            self._note(referrer, at)
+        return {"referrer_id": m.referred_by, "referrer_points": points, "coupon_id": "referral-1"}
 
     def activity(self, member_id: str, activity_id: str, activity_type: str, occurred_at: datetime | None = None):
         """CONTRACT §6.3: programme points at once (no multiplier), growth, caps by local day and in all."""

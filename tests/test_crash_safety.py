@@ -1,7 +1,8 @@
 """Crash safety: a service killed with SIGKILL mid-load loses no acknowledged write and doubles none.
 
 The real service runs as a subprocess on a fresh database. Several clients
-post purchases and redemptions with Idempotency-Keys; the service is killed
+post purchases (referees' first purchases among them, which append to the
+referrer's stream too) and redemptions with Idempotency-Keys; the service is killed
 twice mid-load and restarted; every request that got no answer is sent again
 with the same key and body until it gets one. Then the log is checked against
 what the clients were told.
@@ -37,6 +38,8 @@ CLIENTS = 6
 COMMANDS_PER_CLIENT = 50
 KILLS = 2
 REQUEST_TIMEOUT_S = 15
+# Referees of m0, m1 and m2 (36 of them: 12 a referrer, past the default monthly cap of 10).
+REFEREES = [(f"f{n}", f"m{n % 3}") for n in range(36)]
 
 
 @dataclass
@@ -96,7 +99,11 @@ class Load:
 
 
 def workload(rng: random.Random, client_number: int, backdated: str) -> list[Request]:
-    requests = []
+    requests = [
+        Request(f"/v1/members/{referee}/purchases", {"purchase_id": f"first-{referee}", "store_id": "s1",
+                                                     "amount_cents": rng.randrange(5_000, 60_000)}, f"k-{referee}")
+        for referee, _referrer in REFEREES[client_number::CLIENTS]
+    ]
     for n in range(COMMANDS_PER_CLIENT):
         member = f"m{rng.randrange(MEMBERS)}"
         if rng.random() < 0.55:
@@ -107,7 +114,36 @@ def workload(rng: random.Random, client_number: int, backdated: str) -> list[Req
         else:
             body = {"redemption_id": f"r-{client_number}-{n}", "points": rng.randrange(1, 12)}
             requests.append(Request(f"/v1/members/{member}/redemptions", body, f"k-{client_number}-{n}"))
+    rng.shuffle(requests)
     return requests
+
+
+def assert_referrals_all_or_nothing(events: list[dict], requests: list[Request]) -> None:
+    """Every referee's first purchase has its coupon and (unless its referrer was capped) its reward,
+    appended together (one command: the same key, consecutive positions); no reward or coupon without
+    the purchase; no referee rewarded twice."""
+    bought = {e["stream_id"]: e for e in events if e["type"] == "purchase_recorded"}
+    coupons = {e["stream_id"]: e for e in events if e["type"] == "coupon_issued" and e["data"]["coupon_id"] == "referral-1"}
+    rewards = [e for e in events if e["type"] == "points_earned" and e["data"].get("referral_of")]
+    rewarded = {e["data"]["referral_of"]: e for e in rewards}
+    assert len(rewarded) == len(rewards), "a referee rewarded twice"
+    answers = {r.path.split("/")[3]: r.first[1] for r in requests if r.body.get("purchase_id", "").startswith("first-")}
+    for referee, referrer in REFEREES:
+        command = [e for e in events if e["command_id"] == f"k-{referee}"]
+        positions = [e["position"] for e in command]
+        assert positions == list(range(positions[0], positions[0] + len(positions))), command
+        assert coupons[referee] in command and bought[referee] in command
+        granted = answers[referee]["referral"]
+        assert granted["referrer_id"] == referrer and granted["coupon_id"] == "referral-1"
+        if granted["referrer_points"]:
+            reward = rewarded[referee]
+            assert reward["stream_id"] == referrer and reward == command[-1]
+        else:
+            assert referee not in rewarded
+    assert set(rewarded) <= set(bought) and set(coupons) <= set(bought)
+    for referrer in {referrer for _, referrer in REFEREES}:
+        count = sum(1 for e in rewards if e["stream_id"] == referrer)
+        assert count == 10, (referrer, count)  # 12 referees each, every one bought: the cap, exactly
 
 
 async def test_sigkill_mid_load_loses_no_acknowledged_command_and_doubles_none(database_url):
@@ -122,10 +158,13 @@ async def test_sigkill_mid_load_loses_no_acknowledged_command_and_doubles_none(d
             for m in range(MEMBERS):
                 status, body, _ = await admin.post("/v1/members", {"member_id": f"m{m}"})
                 assert status == 201, body
+            for referee, referrer in REFEREES:
+                status, body, _ = await admin.post("/v1/members", {"member_id": referee, "referred_by": referrer})
+                assert status == 201, body
 
             load = Load(service, checkout_key)
             per_client = [workload(rng, c, backdated) for c in range(CLIENTS)]
-            total = CLIENTS * COMMANDS_PER_CLIENT
+            total = CLIENTS * COMMANDS_PER_CLIENT + len(REFEREES)
             clients = asyncio.gather(*(load.client(requests) for requests in per_client))
             for kill in range(1, KILLS + 1):
                 # Kill once a share of the load is acknowledged, while the rest is in flight.
@@ -174,6 +213,7 @@ async def test_sigkill_mid_load_loses_no_acknowledged_command_and_doubles_none(d
                     assert status == 409 and body["code"] == "insufficient_points", body
                     assert (member, natural) not in by_natural_id
             assert sum(1 for r in requests if r.first[0] == 201) > total // 2
+            assert_referrals_all_or_nothing(events, requests)
 
             await assert_chain_verifies(admin)
             as_of = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)

@@ -30,7 +30,7 @@ from ledger.store import EventStore
 from ledger.views import balance, tier_view
 from tests.model import Duplicate, Refused
 from tests.support import OwnDatabase
-from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, GrowthTasks, ShortClocks
+from tests.test_programme_model import BALANCE_FIELDS, FAST, Driver, ProgrammeMachine, GrowthTasks, Referrals, ShortClocks
 
 SERVER: dict[str, str] = {}
 _databases = itertools.count(1)
@@ -101,8 +101,9 @@ class AppDriver(Driver):
             return Refused(first.status, body["code"], body.get("reason"))
         return body
 
-    def enrol(self, member_id, birthday=None, enrolled_at=None):
-        out = self._execute("enrol", member_id, cmd.Enrol(member_id=member_id, birthday=birthday, enrolled_at=enrolled_at))
+    def enrol(self, member_id, birthday=None, enrolled_at=None, referred_by=None):
+        command = cmd.Enrol(member_id=member_id, birthday=birthday, enrolled_at=enrolled_at, referred_by=referred_by)
+        out = self._execute("enrol", member_id, command)
         if isinstance(out, dict):
             return {"coupons": [coupon["coupon_id"] for coupon in out["coupons"]]}
         return out
@@ -112,6 +113,7 @@ class AppDriver(Driver):
         out = self._execute("purchase", member_id, command)
         if isinstance(out, dict):
             out["rewards"] = [(r["campaign_id"], r["points"], r["coupon_id"]) for r in out["rewards"]]
+            out["referral"] = out.get("referral")  # absent: nothing granted
         return out
 
     def _rules(self, operation: str, command: cmd.Command):
@@ -220,6 +222,11 @@ class AppDriver(Driver):
         state = self.run(self.ledger.load(member_id))
         return [(a.activity_id, a.type, a.occurred_at) for a in state.activities.values()]
 
+    def referral_rewards(self, member_id):
+        stream = self.run(self.ledger.store.read_stream(member_id))
+        return [(e.data["referral_of"], e.occurred_at) for e in stream
+                if e.type == "points_earned" and e.data.get("referral_of")]
+
 
 class AppMachine(ProgrammeMachine):
     def make_driver(self, programme: Programme, now: datetime) -> Driver:
@@ -248,6 +255,10 @@ class AppGrowthTasks(AppMachine):
     programme = GrowthTasks.programme
 
 
+class AppReferrals(AppMachine):
+    programme = Referrals.programme
+
+
 THROUGH_THE_DATABASE = settings(FAST, max_examples=12, stateful_step_count=25)
 
 TestProgrammeThroughTheApplication = AppMachine.TestCase
@@ -256,3 +267,5 @@ TestShortClocksThroughTheApplication = AppShortClocks.TestCase
 TestShortClocksThroughTheApplication.settings = THROUGH_THE_DATABASE
 TestGrowthTasksThroughTheApplication = AppGrowthTasks.TestCase
 TestGrowthTasksThroughTheApplication.settings = THROUGH_THE_DATABASE
+TestReferralsThroughTheApplication = AppReferrals.TestCase
+TestReferralsThroughTheApplication.settings = THROUGH_THE_DATABASE

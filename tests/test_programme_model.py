@@ -27,10 +27,11 @@ import msgspec
 
 from events import catalogue as ev
 from ledger import commands as cmd
+from ledger import referrals
 from ledger.campaigns import CampaignBook, Spend, add_spend, decide_create, decide_end, grants_in
-from ledger.decide import CampaignContext, command_time, decide
+from ledger.decide import CampaignContext, Decided, command_time, decide
 from ledger.errors import DuplicateCommand, Refusal
-from ledger.programme import WEEKDAYS, Activity, Programme, ProgrammeHistory, decide_change, decide_seed
+from ledger.programme import WEEKDAYS, Activity, Programme, ProgrammeHistory, ReferralRule, decide_change, decide_seed
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.views import available_points, balance, current_tier, tier_view
 from tests.model import WEEKDAY_NAMES, Duplicate, Model, Refused
@@ -64,7 +65,8 @@ class Driver(abc.ABC):
     def set_now(self, now: datetime) -> None: ...
 
     @abc.abstractmethod
-    def enrol(self, member_id: str, birthday: str | None = None, enrolled_at: datetime | None = None) -> Result: ...
+    def enrol(self, member_id: str, birthday: str | None = None, enrolled_at: datetime | None = None,
+              referred_by: str | None = None) -> Result: ...
 
     @abc.abstractmethod
     def purchase(self, member_id, purchase_id, amount_cents, occurred_at=None, store_id="s1") -> Result:
@@ -143,6 +145,10 @@ class Driver(abc.ABC):
     def activities(self, member_id: str) -> list[tuple[str, str, datetime]]:
         """(activity_id, type, occurred_at) of every activity the member has recorded."""
 
+    @abc.abstractmethod
+    def referral_rewards(self, member_id: str) -> list[tuple[str, datetime]]:
+        """(referee, occurred_at) of every referral reward in the member's stream, in log order."""
+
 
 def _parts(parts: list[ev.BucketPoints]) -> list[tuple[str, int]]:
     return [(p.bucket_id, p.points) for p in parts]
@@ -174,15 +180,25 @@ class DomainDriver(Driver):
             return Refused(refusal.status, refusal.code, refusal.extra.get("reason"))
         except DuplicateCommand as duplicate:
             return Duplicate(duplicate.natural_key)
+        if isinstance(command, cmd.Enrol) and command.referred_by not in (None, *self.states):
+            return Refused(422, "referrer_not_found")
+        reward = None
+        if referrals.referee_coupon(d.event for d in decided) is not None:  # the referrer's part, on its own state
+            reward = referrals.referrer_reward(self.states[state.referred_by], member_id, decided[0].occurred_at, programme)
+        self._record(member_id, state, decided)
+        for grant in grants_in((d.event for d in decided), self.book):
+            self.spend[grant.campaign_id] = add_spend(self.spend.get(grant.campaign_id, Spend()), grant)
+        if reward is not None:
+            self._record(state.referred_by, self.states[state.referred_by], [Decided(decided[0].occurred_at, reward)])
+        return [d.event for d in decided] + ([reward] if reward else [])
+
+    def _record(self, member_id: str, state: MemberState, decided: list[Decided]) -> None:
         facts = self.facts.setdefault(member_id, [])
         for d in decided:
             fact = Fact(d.event, d.occurred_at, state.version + 1)
             evolve(state, fact)
             facts.append(fact)
         self.states[member_id] = state
-        for grant in grants_in((d.event for d in decided), self.book):
-            self.spend[grant.campaign_id] = add_spend(self.spend.get(grant.campaign_id, Spend()), grant)
-        return [d.event for d in decided]
 
     def _rules(self, decide_event, evolve_event, answer):
         try:
@@ -221,8 +237,9 @@ class DomainDriver(Driver):
     def _one(self, events, kind):
         return next(e for e in events if isinstance(e, kind))
 
-    def enrol(self, member_id, birthday=None, enrolled_at=None):
-        out = self._run(member_id, cmd.Enrol(member_id=member_id, birthday=birthday, enrolled_at=enrolled_at))
+    def enrol(self, member_id, birthday=None, enrolled_at=None, referred_by=None):
+        command = cmd.Enrol(member_id=member_id, birthday=birthday, enrolled_at=enrolled_at, referred_by=referred_by)
+        out = self._run(member_id, command)
         if isinstance(out, (Refused, Duplicate)):
             return out
         return {"coupons": [e.coupon_id for e in out if isinstance(e, ev.CouponIssued)]}
@@ -239,13 +256,20 @@ class DomainDriver(Driver):
              e.coupon_id if isinstance(e, ev.CouponIssued) else None)
             for e in out if getattr(e, "campaign_id", None) is not None
         ]
+        coupon = referrals.referee_coupon(out)
+        reward = next((e for e in out if isinstance(e, ev.PointsEarned) and e.referral_of), None)
+        referral = None if coupon is None else {
+            "referrer_id": state.referred_by, "referrer_points": reward.points if reward else 0, "coupon_id": coupon.coupon_id,
+        }
         return {
             "points": earned.points + sum(points for _, points, _ in rewards),
             "base_points": earned.points,
             "rewards": rewards,
             "growth": earned.growth,
             "tier": current_tier(state, self.programme),
-            "debt_paid": sum(e.debt_paid for e in out if isinstance(e, ev.PointsEarned)),
+            # The referee's own credits: the regular points and the campaigns' (not the referrer's reward).
+            "debt_paid": sum(e.debt_paid for e in out if isinstance(e, ev.PointsEarned) and not e.referral_of),
+            "referral": referral,
         }
 
     def activity(self, member_id, activity_id, activity_type, occurred_at=None):
@@ -375,6 +399,10 @@ class DomainDriver(Driver):
     def activities(self, member_id):
         return [(a.activity_id, a.type, a.occurred_at) for a in self.states[member_id].activities.values()]
 
+    def referral_rewards(self, member_id):
+        return [(f.event.referral_of, f.occurred_at) for f in self.facts[member_id]
+                if isinstance(f.event, ev.PointsEarned) and f.event.referral_of]
+
 
 # -- strategies ---------------------------------------------------------------------
 
@@ -475,18 +503,27 @@ class ProgrammeMachine(RuleBasedStateMachine):
         self.do("enrol", "m1", birthday=birthday)
 
     @precondition(lambda self: len(self.model.members) < len(MEMBER_IDS))
-    @rule(member_id=st.sampled_from(MEMBER_IDS), month=st.integers(1, 12), day=st.integers(1, 28), with_birthday=st.booleans())
-    def enrol(self, member_id, month, day, with_birthday):
+    @rule(member_id=st.sampled_from(MEMBER_IDS), month=st.integers(1, 12), day=st.integers(1, 28), with_birthday=st.booleans(),
+          referrer=st.sampled_from([None, None, "m1", "m2", "m3", "self", "ghost"]))
+    def enrol(self, member_id, month, day, with_birthday, referrer):
         birthday = f"{month:02d}-{day:02d}" if with_birthday else None
-        self.do("enrol", member_id, birthday=birthday)
+        self.do("enrol", member_id, birthday=birthday, referred_by=member_id if referrer == "self" else referrer)
+
+    @precondition(lambda self: len(self.model.members) < len(MEMBER_IDS))
+    @rule(data=st.data(), amount=AMOUNTS)
+    def referee_enrols_and_buys(self, data, amount):
+        """A member referred by another, whose first purchase (maybe a late one) may reward the referrer."""
+        member_id = next(m for m in MEMBER_IDS if m not in self.model.members)
+        self.do("enrol", member_id, referred_by=data.draw(st.sampled_from(self.members())))
+        self.buy(data, amount, member_id)
 
     @precondition(lambda self: self.model.members)
     @rule(data=st.data(), amount=AMOUNTS)
     def purchase(self, data, amount):
         self.buy(data, amount)
 
-    def buy(self, data, amount: int) -> None:
-        member_id = data.draw(st.sampled_from(self.members()))
+    def buy(self, data, amount: int, member_id: str | None = None) -> None:
+        member_id = member_id or data.draw(st.sampled_from(self.members()))
         purchase_id = self.fresh("p")
         store_id = data.draw(st.sampled_from(["s1", "s1", "s2"]))
         at = self.when(data)
@@ -945,6 +982,19 @@ class ProgrammeMachine(RuleBasedStateMachine):
                     assert 0 <= remaining <= amount, ("bucket out of 0..amount", member_id, at, bucket_id)
             assert sorted(self.driver.buckets(member_id)) == sorted(self.model.buckets(member_id))
             self.activity_caps_hold(member_id)
+            self.referrals_hold(member_id)
+
+    def referrals_hold(self, member_id: str) -> None:
+        """A referee rewards its referrer at most once, and no referrer passes its monthly cap."""
+        rewards = self.driver.referral_rewards(member_id)
+        referees = [referee for referee, _ in rewards]
+        assert len(referees) == len(set(referees)), ("a referral rewarded twice", member_id, rewards)
+        assert sorted(referees) == sorted(self.model.members[member_id].referral_rewards)
+        cap = self.programme.referral.monthly_cap
+        if cap:
+            zone = ZoneInfo(self.programme.timezone)
+            months = [at.astimezone(zone).strftime("%Y-%m") for _, at in rewards]
+            assert all(months.count(month) <= cap for month in months), ("monthly cap passed", member_id, rewards)
 
     def activity_caps_hold(self, member_id: str) -> None:
         """No member ever has more activities of a type than its caps allow, by local day or in all."""
@@ -1001,6 +1051,17 @@ class GrowthTasks(ProgrammeMachine):
     )
 
 
+class Referrals(ProgrammeMachine):
+    """Referees among the machine's members, small first purchases qualifying, a cap of one a month."""
+
+    programme = Programme(
+        referral=ReferralRule(referrer_points=7, min_first_purchase_cents=999, within_days=3, monthly_cap=1),
+        pending_days=2,
+        points_expiry_days=40,
+        max_backdate_days=60,
+    )
+
+
 class ShortClocks(ProgrammeMachine):
     """Short windows, so expiry, holds and late events meet within a few clock steps."""
 
@@ -1023,5 +1084,7 @@ TestNeverDowngrade = NeverDowngrade.TestCase
 TestNeverDowngrade.settings = VARIANT
 TestGrowthTasks = GrowthTasks.TestCase
 TestGrowthTasks.settings = VARIANT
+TestReferrals = Referrals.TestCase
+TestReferrals.settings = VARIANT
 TestShortClocks = ShortClocks.TestCase
 TestShortClocks.settings = VARIANT

@@ -42,6 +42,7 @@ ADVANCE = st.tuples(st.just("advance"), st.sampled_from([1 / 24, 1, 8, 31, 200, 
 STEPS = st.one_of(
     PURCHASE, PURCHASE, RETURN, RETURN, REDEEM, REDEEM, REDEEM, REVERSE, REVERSE, ADVANCE, ADVANCE,
     st.tuples(st.just("enrol"), st.just("m3")),
+    st.tuples(st.just("enrol_referred"), st.just("m3"), st.sampled_from(["m1", "m2"])),
     st.tuples(st.just("adjust"), MEMBERS, st.sampled_from(["a1", "a2", "a3"]),
               st.integers(-60, 300).filter(lambda points: points != 0)),
     st.tuples(st.just("buy_coupon"), MEMBERS, st.just("c1"), st.integers(1, 40)),
@@ -121,6 +122,8 @@ TRICKY = [
     # Activities: points at once, one paying debt, a late one, a capped one.
     ("activity", "m1", "t1", "profile_completed", 0), ("activity", "m1", "t2", "check_in", 6),
     ("activity", "m1", "t3", "profile_completed", 0), ("project", 2),
+    # A referral: the referee's first purchase rewards the referrer (another stream) in the same append.
+    ("enrol_referred", "m3", "m1"), ("purchase", "m3", "p1", 25_800, 0), ("project", 3),
 ]
 
 

@@ -52,6 +52,9 @@ class Shop:
     async def enrol(self, member_id: str, **fields: Any) -> Outcome:
         return await self.do("enrol", member_id, cmd.Enrol(member_id=member_id, **fields))
 
+    async def enrol_referred(self, member_id: str, referrer_id: str) -> Outcome:
+        return await self.enrol(member_id, referred_by=referrer_id)
+
     async def purchase(self, member_id: str, purchase_id: str, amount_cents: int, days_ago: float = 0) -> Outcome:
         return await self.do("purchase", member_id, cmd.RecordPurchase(
             purchase_id=purchase_id, store_id="s1", amount_cents=amount_cents, occurred_at=self.ago(days_ago)))
