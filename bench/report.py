@@ -230,6 +230,7 @@ def figures(out: dict) -> list[dict]:
             f"({es['eventsourcing']['conflicts']} version conflicts retried)",
             round(ratio, 2), "≥ 5×", ratio >= 5,
         ))
+    rows += _growth_rows(out.get("growth"))
     if ingest and ingest.get("rss_mb"):
         samples = [mb for _t, mb in ingest["rss_mb"]]
         tail = samples[len(samples) // 2:]
@@ -249,6 +250,23 @@ def figures(out: dict) -> list[dict]:
             "fold(events) + views.balance", None, "all equal", check["mismatches"] == 0 and check["chain_ok"],
         ))
     return rows
+
+
+def _growth_rows(growth: dict | None) -> list[dict]:
+    """CONTRACT §6.3/§6.4 beside the purchase, from one in-process run (bench/growth.py)."""
+    if not growth or "median_per_s" not in growth:
+        return []
+    per_s, n = growth["median_per_s"], len(growth["rounds_per_s"]["purchase"])
+    rounds = f" (median of {n} alternating rounds)" if n > 1 else ""
+    activity, referral = growth["activity_over_purchase"], growth["referral_over_first_purchase"]
+    return [
+        _row(f"activity ingest in-process, {growth['concurrency']} callers{rounds}", _fmt(per_s["activity"], "commands/s"),
+             f"purchases, same run: {_fmt(per_s['purchase'], 'commands/s')}", activity, "≥ 1.0", activity >= 1.0),
+        _row(f"a referee's first purchase rewarding its referrer (two streams), in-process{rounds}",
+             _fmt(per_s["referral"], "commands/s"),
+             f"a plain member's first purchase, same run: {_fmt(per_s['first_purchase'], 'commands/s')}",
+             referral, "≥ 0.8", referral >= 0.8),
+    ]
 
 
 def _cache_note(ingest: dict) -> str:

@@ -920,6 +920,20 @@ async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
         }
 
 
+async def scenario_growth(plan: Plan, db: Database, out: dict) -> None:
+    """Activities beside purchases, referral first purchases beside plain ones: in-process, one run (bench/growth.py)."""
+    url = await db.fresh("bench_growth")
+    seconds, rounds = (plan.es_seconds / 3, 1) if plan.quick else (plan.es_seconds / 3, plan.rounds)
+    say(f"growth: purchase, activity, first purchase, referral; in-process, {CONNECTIONS} callers, "
+        f"{rounds} round(s) of {seconds:g} s each")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.growth", url, str(seconds), str(CONNECTIONS), "1000", str(rounds)],
+        cwd=env.ROOT, capture_output=True, text=True, timeout=rounds * (4 * seconds + 300),
+    )
+    line = [l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    out["growth"] = json.loads(line[0][len("BENCH_JSON "):]) if line else {"error": done.stderr[-800:]}
+
+
 SCENARIOS = {
     "ingest": scenario_ingest,
     "reads": scenario_reads,
@@ -930,6 +944,9 @@ SCENARIOS = {
     "import": scenario_import,
     "eventsourcing": scenario_eventsourcing,
     "publish": scenario_publish,
+
+
+    "growth": scenario_growth,
 }
 
 

@@ -642,60 +642,61 @@ class Ledger:
                 if not checked:
                     continue
                 return Outcome(200, encode_json(JobAnswer(appended=0)))
-            if dry_run:
-                return await self._dry_run(stream_id, state, command, programme, decided, fingerprint)
-            try:
-                together, answer_extra = await self._other_streams(
-                    stream_id, state, command, programme, decided, actor, idempotency_key
-                )
-            except Refusal as refusal:
-                if not checked:
+            # Other members' streams this command appends to stay locked until it has committed.
+            async with contextlib.AsyncExitStack() as held:
+                try:
+                    together, answer_extra = await self._other_streams(
+                        stream_id, state, command, programme, decided, actor, idempotency_key, held
+                    )
+                except Refusal as refusal:
+                    if not checked:
+                        continue
+                    return _refusal_outcome(refusal)
+                if dry_run:
+                    return await self._dry_run(stream_id, state, command, programme, decided, fingerprint, answer_extra)
+                try:
+                    append = self._prepare_append(
+                        stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key, together,
+                        answer_extra,
+                    )
+                    recorded = await self.store.append(append)
+                except WrongExpectedVersion as conflict:
+                    self.forget(stream_id)
+                    self.forget(conflict.stream_id)  # a referrer's cached state, when it was that stream
                     continue
-                return _refusal_outcome(refusal)
-            try:
-                append = self._prepare_append(
-                    stream_id, state, command, programme, decided, fingerprint, actor, idempotency_key, together,
-                    answer_extra,
-                )
-                recorded = await self.store.append(append)
-            except WrongExpectedVersion as conflict:
-                self.forget(stream_id)
-                self.forget(conflict.stream_id)  # a referrer's cached state, when it was that stream
-                continue
-            except RulesChanged:
-                self.forget(stream_id)  # the in-place evolve has run
-                rules_read = True
-                await self.refresh_rules()
-                continue
-            except IdentityTaken as taken:
-                self.forget(stream_id)
-                return _refusal_outcome(_identity_taken(taken.identity_type, taken.value))
-            except AlreadyAnswered as answered:
-                self.forget(stream_id)
-                stored = await self.store.stored_result(answered.stream_id, answered.command_key)
-                assert stored is not None
-                if answered.stream_id == GLOBAL_SCOPE:
-                    return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
-                return self._replay_or_reuse(stored, fingerprint, "duplicate_id", 409)
-            except BaseException:
-                self.forget(stream_id)  # the in-place evolve may have run
-                raise
-            status, body = append.answer
-            self._note_grants(append)
-            self._remember(stream_id, state)  # it grew: count its new events against the cache's bound
-            for part in together:  # its cached state lacks what was appended to it: read it again when needed
-                async with self._locks.hold(part.stream_id):
-                    self.forget(part.stream_id)
-            try:  # the state now includes the events just appended
-                await self._maybe_snapshot(stream_id, state)
-            except Exception:  # a snapshot is only a cache; the command has succeeded
-                log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
-            return Outcome(status, body, position=_last_position(append))
+                except RulesChanged:
+                    self.forget(stream_id)  # the in-place evolve has run
+                    rules_read = True
+                    await self.refresh_rules()
+                    continue
+                except IdentityTaken as taken:
+                    self.forget(stream_id)
+                    return _refusal_outcome(_identity_taken(taken.identity_type, taken.value))
+                except AlreadyAnswered as answered:
+                    self.forget(stream_id)
+                    stored = await self.store.stored_result(answered.stream_id, answered.command_key)
+                    assert stored is not None
+                    if answered.stream_id == GLOBAL_SCOPE:
+                        return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+                    return self._replay_or_reuse(stored, fingerprint, "duplicate_id", 409)
+                except BaseException:
+                    self.forget(stream_id)  # the in-place evolve may have run
+                    raise
+                status, body = append.answer
+                self._note_grants(append)
+                self._remember(stream_id, state)  # it grew: count its new events against the cache's bound
+                for part in together:
+                    self._advance_cached(part)
+                try:  # the state now includes the events just appended
+                    await self._maybe_snapshot(stream_id, state)
+                except Exception:  # a snapshot is only a cache; the command has succeeded
+                    log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
+                return Outcome(status, body, position=_last_position(append))
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
 
     async def _other_streams(
         self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme, decided: list[Decided],
-        actor: str | None, idempotency_key: str | None,
+        actor: str | None, idempotency_key: str | None, held: contextlib.AsyncExitStack,
     ) -> tuple[list[Append], dict]:
         """What a command needs of other members (CONTRACT §6.4), and what that adds to its answer.
 
@@ -715,11 +716,15 @@ class Ledger:
         if coupon is None or state.referred_by is None:
             return [], {}
         referrer_id = state.referred_by
-        async with self._locks.hold(referrer_id):  # referee, then referrer: a referrer enrolled first, so no cycle
-            referrer = await self._load_locked(referrer_id)
-            at = decided[0].occurred_at
-            reward = referrals.referrer_reward(referrer, stream_id, at, programme)
-            version = referrer.version
+        # Held until the purchase commits (``held``), so this process's commands on the referrer wait rather
+        # than conflict. Referee, then referrer: a referrer enrolled first, so locks are never taken in a cycle.
+        await held.enter_async_context(self._locks.hold(referrer_id))
+        # The cached state, like a member's own: a stale one only misses rewards (they accumulate), so it
+        # never says "capped" wrongly, and a reward decided on it fails its version check and is decided again.
+        referrer = self._cached(referrer_id) or await self._load_locked(referrer_id)
+        at = decided[0].occurred_at
+        reward = referrals.referrer_reward(referrer, stream_id, at, programme)
+        version = referrer.version
         referral = ReferralAnswer(
             referrer_id=referrer_id, referrer_points=reward.points if reward else 0, coupon_id=coupon.coupon_id
         )
@@ -730,6 +735,17 @@ class Ledger:
             actor=actor, programme_version=programme.version,
         )
         return [together], {"referral": referral}
+
+    def _advance_cached(self, part: Append) -> None:
+        """After a commit, with the other stream still locked: its cached state gets the events appended to
+        it, if it is the state they were decided on; else it is dropped (read again when needed)."""
+        cached = self._states.get(part.stream_id)
+        if cached is None or cached.version != part.expected_version:
+            self.forget(part.stream_id)
+            return
+        for offset, new in enumerate(part.events, start=1):
+            evolve(cached, Fact(new.event, new.occurred_at, part.expected_version + offset))
+        self._remember(part.stream_id, cached)
 
     def _prepare_append(
         self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme, decided: list[Decided],
@@ -768,7 +784,7 @@ class Ledger:
 
     async def _dry_run(
         self, stream_id: str, state: MemberState, command: cmd.Command, programme: Programme,
-        decided: list[Decided], fingerprint: str,
+        decided: list[Decided], fingerprint: str, answer_extra: dict,
     ) -> Outcome:
         """What the decided command would answer, built as its append would build it, then dropped:
         the state it evolved is forgotten (the next command reads the member again). An identity another
@@ -779,7 +795,9 @@ class Ledger:
                     owner = await self.store.identity_owner(identity.type, identity.value)
                     if owner is not None and owner != stream_id:
                         return _refusal_outcome(_identity_taken(identity.type, identity.value))
-            append = self._prepare_append(stream_id, state, command, programme, decided, fingerprint, None, None)
+            append = self._prepare_append(
+                stream_id, state, command, programme, decided, fingerprint, None, None, (), answer_extra
+            )
             assert append.respond is not None
             return Outcome(*append.respond([_Unsealed(None, state.version)]))
         finally:

@@ -1,0 +1,124 @@
+"""Growth tasks and referrals (CONTRACT §6.3, §6.4) beside the purchase, in-process, in one run.
+
+    python -m bench.growth DATABASE_URL SECONDS CONCURRENCY MEMBERS ROUNDS
+
+On one fresh database, ``Ledger.execute`` as the HTTP handler calls it (the
+member cache, the rules, the hash chain, the exactly-once answer, group
+commit), CONCURRENCY callers at once, rounds alternating so that the machine's
+drift hits both sides alike:
+
+- ``purchase`` vs ``activity``: a purchase, or an activity of an uncapped
+  type, on a random one of MEMBERS members;
+- ``first_purchase`` vs ``referral``: the first purchase of a member enrolled
+  for it, plain, or of a referee (the referrer's reward appended to a second
+  stream in the same transaction; referrers are the MEMBERS, no monthly cap).
+
+Prints one JSON line (``BENCH_JSON``): commands per second of each kind per
+round, the medians, and the two ratios (activity / purchase, referral /
+first purchase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+
+ENROL_CHUNK = 500
+# A first purchase consumes a member: each round enrols this many per caller and second, at most.
+FIRST_PURCHASES_PER_CALLER_S = 40
+
+
+async def _enrol(ledger, members: list[tuple[str, str | None]]) -> None:
+    from ledger import commands as cmd
+
+    for first in range(0, len(members), ENROL_CHUNK):
+        outcomes = await asyncio.gather(*(
+            ledger.execute("enrol", member_id, cmd.Enrol(member_id=member_id, referred_by=referrer))
+            for member_id, referrer in members[first:first + ENROL_CHUNK]
+        ))
+        assert all(o.status == 201 for o in outcomes), [o for o in outcomes if o.status != 201][:3]
+
+
+async def _round(ledger, kind: str, seconds: float, concurrency: int, members: int, fresh: list[str]) -> float:
+    """Commands per second of one kind for ``seconds``."""
+    from ledger import commands as cmd
+
+    deadline = time.monotonic() + seconds
+    done = 0
+    fresh_left = iter(fresh)
+
+    def command(rng: random.Random, tag: str):
+        if kind == "activity":
+            return f"m{rng.randrange(members)}", cmd.RecordActivity(activity_id=tag, type="visit")
+        member_id = f"m{rng.randrange(members)}" if kind == "purchase" else next(fresh_left, None)
+        return member_id, cmd.RecordPurchase(purchase_id=tag, store_id="s1", amount_cents=rng.randint(5_000, 200_000))
+
+    async def caller(number: int) -> None:
+        nonlocal done
+        rng = random.Random(f"{kind}-{number}")
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            member_id, body = command(rng, f"{kind}-{number}-{n}-{time.monotonic_ns()}")
+            if member_id is None:
+                raise RuntimeError(f"{kind}: ran out of fresh members; enrol more per round")
+            operation = "activity" if kind == "activity" else "purchase"
+            outcome = await ledger.execute(operation, member_id, body)
+            assert outcome.status == 201, outcome
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(caller(n) for n in range(concurrency)))
+    return done / (time.monotonic() - started)
+
+
+async def run(url: str, seconds: float, concurrency: int, members: int, rounds: int) -> dict:
+    from ledger.application import Ledger
+    from ledger.database import create_pool
+    from ledger.programme import Activity, Programme, ReferralRule
+    from ledger.store import EventStore
+
+    programme = Programme(
+        activities=[*Programme().activities, Activity("visit", 1, 5, 0, 0)],
+        referral=ReferralRule(monthly_cap=0),
+    )
+    pool = await create_pool(url)
+    ledger = Ledger(EventStore(pool), programme)
+    ledger.store.start_group_commit()
+    try:
+        await _enrol(ledger, [(f"m{n}", None) for n in range(members)])
+        per_round = int(FIRST_PURCHASES_PER_CALLER_S * concurrency * seconds)
+        rates: dict[str, list[float]] = {"purchase": [], "activity": [], "first_purchase": [], "referral": []}
+        for number in range(rounds):
+            plain = [f"g{number}-{n}" for n in range(per_round)]
+            referees = [f"f{number}-{n}" for n in range(per_round)]
+            await _enrol(ledger, [(m, None) for m in plain] + [(m, f"m{n % members}") for n, m in enumerate(referees)])
+            for kind in rates:
+                fresh = plain if kind == "first_purchase" else referees
+                rates[kind].append(round(await _round(ledger, kind, seconds, concurrency, members, fresh), 1))
+        medians = {kind: sorted(values)[len(values) // 2] for kind, values in rates.items()}
+        return {
+            "rounds_per_s": rates,
+            "median_per_s": medians,
+            "activity_over_purchase": round(medians["activity"] / medians["purchase"], 3),
+            "referral_over_first_purchase": round(medians["referral"] / medians["first_purchase"], 3),
+            "concurrency": concurrency,
+            "seconds_per_round": seconds,
+        }
+    finally:
+        await ledger.store.stop_group_commit()
+        await pool.close()
+
+
+def main(argv: list[str]) -> int:
+    url, seconds, concurrency, members, rounds = argv[0], float(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    result = asyncio.run(run(url, seconds, concurrency, members, rounds))
+    print("BENCH_JSON " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
