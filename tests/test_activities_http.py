@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 import json
 
 import pytest
@@ -92,3 +93,25 @@ async def test_parallel_check_ins_of_one_member_on_one_day_earn_once(api):
     assert sorted(status for status, _, _ in results) == [201] + [409] * 9
     status, b, _ = await api.get("/v1/members/m1/balance")
     assert b["lifetime_earned"] == 1
+
+
+async def test_the_activity_table_is_a_programme_setting_versioned_by_date(api):
+    """A table changed by PUT /v1/programme applies from its effective_from; a late activity uses its day's table."""
+    await api.enrol("m1")
+    table = [{"type": "live_event", "points": 30, "growth": 1600, "daily_cap": 2, "total_cap": 3}]
+    bad = {"settings": {"activities": [{"type": "Live!", "points": 1, "growth": 1, "daily_cap": 0, "total_cap": 0}]}}
+    response = await api.client.put("/v1/programme", json=bad, headers=api.headers("admin"))
+    problem = await response.json()
+    assert (response.status, problem["code"], problem["setting"]) == (422, "invalid_programme", "activities")
+    effective_from = api.clock() + timedelta(hours=1)
+    body = {"settings": {"activities": table}, "effective_from": effective_from.isoformat()}
+    response = await api.client.put("/v1/programme", json=body, headers=api.headers("admin"))
+    assert response.status == 201, await response.text()
+    status, problem, _ = await record(api, "m1", "t1", "live_event")
+    assert (status, problem["code"]) == (422, "unknown_activity")  # not yet in force
+    api.clock.advance(hours=2)
+    status, answer, _ = await record(api, "m1", "t2", "live_event")
+    assert (status, answer["points"], answer["growth"]) == (201, 30, 1600)
+    late = (effective_from - timedelta(minutes=30)).isoformat()
+    status, answer, _ = await record(api, "m1", "t3", "check_in", occurred_at=late)
+    assert (status, answer["points"]) == (201, 1)  # dated before the change: the old table
