@@ -944,8 +944,6 @@ SCENARIOS = {
     "import": scenario_import,
     "eventsourcing": scenario_eventsourcing,
     "publish": scenario_publish,
-
-
     "growth": scenario_growth,
 }
 
