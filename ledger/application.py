@@ -858,9 +858,10 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
-def _last_position(append: Append) -> int:
-    """The highest position a sealed append (and what it appended together with it) got."""
-    return max(part.recorded[-1].position for part in (append, *append.together))
+def _last_position(append: Append) -> int | None:
+    """The highest position a sealed append (and what it appended together with it) got;
+    None for one never sealed (a dry run's)."""
+    return max((part.recorded[-1].position for part in (append, *append.together) if part.recorded), default=None)
 
 
 def _touches_other_streams(command: cmd.Command, decided: list[Decided]) -> bool:
