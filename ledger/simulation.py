@@ -20,6 +20,7 @@ Back of the envelope: a member id, a set entry and a few datetimes per member:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, NamedTuple
@@ -35,7 +36,9 @@ from ledger.errors import Refusal
 from ledger.programme import Programme, ProgrammeHistory, validated
 
 # The events a simulation reads: purchases and what they granted.
-SIMULATION_EVENT_TYPES = ("purchase_recorded", "points_earned", "coupon_issued")
+SIMULATION_EVENT_TYPES = (
+    "purchase_recorded", "points_earned", "coupon_issued", "tier_changed", "campaign_created", "campaign_ended",
+)
 DRAFT_CAMPAIGNS_MAX = 100
 
 
@@ -108,11 +111,15 @@ class Simulation:
     window_to: datetime
     history: ProgrammeHistory
     versions: dict[int, Programme]  # changed_versions
-    campaigns: list[Campaign]  # real and draft, in campaign_id (byte) order
+    # The drafts, and each real campaign from its creation on, with its end from when the end was
+    # recorded: a purchase is judged on the campaigns as they stood at its place in the log.
+    campaigns: list[Campaign]  # in campaign_id (byte) order
+    real: dict[str, Campaign]  # every real campaign, by id, not yet ended
     spend: dict[str, Spend] = field(default_factory=dict)
     rewarded_at: dict[str, dict[str, list[datetime]]] = field(default_factory=dict)
     purchased: set[str] = field(default_factory=set)
     last_purchase: dict[str, _Purchase] = field(default_factory=dict)
+    tiers: dict[str, str] = field(default_factory=dict)  # each member's tier so far, by the log's tier changes
     members: set[str] = field(default_factory=set)
     purchases: int = 0
     actual: _Tally = field(default_factory=_Tally)
@@ -126,54 +133,69 @@ class Simulation:
         if not window_from < window_to:
             raise Refusal(422, "invalid_window", "from must be before to", field="to")
         versions = changed_versions(history, settings)
-        campaigns = list(book.campaigns.values()) + draft_campaigns(book, drafts)
-        campaigns.sort(key=lambda c: c.campaign_id.encode())
-        return cls(window_from, window_to, history, versions, campaigns)
+        real = {c.campaign_id: dataclasses.replace(c, ended_at=None) for c in book.campaigns.values()}
+        return cls(window_from, window_to, history, versions, draft_campaigns(book, drafts), real)
 
     @property
     def programme_at_to(self) -> Programme:
         """The changed version in force at ``to``: its timezone dates the months, its rate prices the points."""
         return self.versions[self.history.version_at(self.window_to).version]
 
+    def __post_init__(self) -> None:
+        self.campaigns.sort(key=lambda c: c.campaign_id.encode())
+
     def feed(self, stream_id: str, occurred_at: datetime, programme_version: int | None, event: ev.Event) -> None:
-        if isinstance(event, ev.PurchaseRecorded):
-            self._purchase(stream_id, occurred_at, event)
+        if isinstance(event, ev.CampaignCreated) and event.campaign_id in self.real:
+            self.campaigns.append(self.real[event.campaign_id])
+            self.campaigns.sort(key=lambda c: c.campaign_id.encode())
+        elif isinstance(event, ev.CampaignEnded) and event.campaign_id in self.real:
+            self.real[event.campaign_id].ended_at = event.ended_at
+        elif isinstance(event, ev.PurchaseRecorded):
+            self._purchase(stream_id, occurred_at, programme_version, event)
+        elif isinstance(event, ev.TierChanged):
+            self.tiers[stream_id] = event.to_tier
         elif isinstance(event, ev.PointsEarned) and event.purchase_id is not None:
             purchase = self.last_purchase.get(stream_id)
             if purchase is None or purchase.purchase_id != event.purchase_id:
                 return  # not this member's purchase's own credit (a referrer's reward names the referee's)
             if event.campaign_id is None:
-                self._earned(stream_id, purchase, programme_version, event)
+                self._earned(purchase, event.points)
             else:
                 self._actual_grant(stream_id, purchase, event.campaign_id, event.points, 0)
         elif isinstance(event, ev.CouponIssued) and event.campaign_id is not None:
             self._actual_grant(stream_id, self.last_purchase[stream_id], event.campaign_id, 0, 1)
 
-    def _purchase(self, stream_id: str, occurred_at: datetime, event: ev.PurchaseRecorded) -> None:
+    def _purchase(
+        self, stream_id: str, occurred_at: datetime, programme_version: int | None, event: ev.PurchaseRecorded,
+    ) -> None:
         where = -1 if occurred_at < self.window_from else (0 if occurred_at < self.window_to else 1)
-        self.last_purchase[stream_id] = _Purchase(
+        purchase = _Purchase(
             event.purchase_id, event.store_id, event.amount_cents, occurred_at, stream_id not in self.purchased, where,
         )
+        self.last_purchase[stream_id] = purchase
         self.purchased.add(stream_id)
         if where == 0:
             self.purchases += 1
             self.members.add(stream_id)
+            self._simulate(stream_id, purchase, programme_version)
 
     def _month(self, at: datetime) -> list[int]:
         month = at.astimezone(self.programme_at_to.zone).strftime("%Y-%m")
         return self.by_month.setdefault(month, [0, 0])
 
-    def _earned(self, stream_id: str, purchase: _Purchase, programme_version: int | None, event: ev.PointsEarned) -> None:
-        """The purchase's regular points: counted as actual, and simulated on the tier it actually had."""
-        if purchase.where != 0:
-            return
-        self.actual.points += event.points
-        month = self._month(purchase.occurred_at)
-        month[0] += event.points
+    def _earned(self, purchase: _Purchase, points: int) -> None:
+        """The purchase's regular points, as actually credited."""
+        if purchase.where == 0:
+            self.actual.points += points
+            self._month(purchase.occurred_at)[0] += points
+
+    def _simulate(self, stream_id: str, purchase: _Purchase, programme_version: int | None) -> None:
+        """What the purchase would have credited under the changed programme, on the tier the member
+        actually had before it (the log's tier changes so far; a purchase of no regular points too)."""
         if programme_version is None:
             programme_version = self.history.version_at(purchase.occurred_at).version
         programme = self.versions[programme_version]
-        tier = programme.tier(event.tier)  # a tier the version does not name counts as its lowest
+        tier = programme.tier(self.tiers.get(stream_id, ""))  # a tier the version does not name counts as its lowest
         _day_pct, points = regular_points(purchase.amount_cents, tier, purchase.occurred_at, programme)
         facts = PurchaseFacts(purchase.store_id, purchase.amount_cents, purchase.occurred_at, tier.name,
                               purchase.first_purchase, points)
@@ -187,7 +209,7 @@ class Simulation:
             self.simulated.coupons += 1 if grant.coupon else 0
             granted += grant.points
         self.simulated.points += granted
-        month[1] += granted
+        self._month(purchase.occurred_at)[1] += granted
 
     def _actual_grant(self, stream_id: str, purchase: _Purchase, campaign_id: str, points: int, coupons: int) -> None:
         """A real campaign's reward: counted as actual in the window; before it, it spends the budget
