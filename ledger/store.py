@@ -542,19 +542,31 @@ class EventStore:
 
     # -- verification --------------------------------------------------------
 
-    async def iter_all(self, after_position: int = 0, batch: int = 5000) -> AsyncIterator[list[Envelope]]:
+    async def iter_all(self, after_position: int = 0, batch: int = 5000,
+                       upto_position: int | None = None) -> AsyncIterator[list[Envelope]]:
+        """The log after ``after_position`` (up to ``upto_position`` when given), a page at a time."""
         while True:
             envelopes = await self.read_all(after_position, batch)
+            if upto_position is not None:
+                envelopes = [e for e in envelopes if e.position <= upto_position]
             if not envelopes:
                 return
             yield envelopes
             after_position = envelopes[-1].position
 
     async def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Recompute the chain; the first changed, missing or reordered event is reported."""
+        """Recompute the chain up to the head read first; the first changed, missing or reordered event is reported.
+
+        The head is read before the events: on a live log, events appended
+        while the check runs lie past it and are not judged (reading the head
+        last made an append committing meanwhile look like a forged tail).
+        Positions commit in order under the head lock, so every event up to
+        the head read is already visible.
+        """
+        head_position, head_hash = await self.head()
         previous_hash, expected_position, checked = GENESIS_HASH, 1, 0
         first_bad: int | None = None
-        async for envelopes in self.iter_all():
+        async for envelopes in self.iter_all(upto_position=head_position):
             for envelope in envelopes:
                 checked += 1
                 if first_bad is None:
@@ -566,7 +578,6 @@ class EventStore:
                 previous_hash = envelope.hash
             if progress is not None:
                 progress(len(envelopes))
-        head_position, head_hash = await self.head()
         if first_bad is None and (head_position != expected_position - 1 or head_hash != previous_hash):
             first_bad = expected_position  # the log's tail was removed
         return VerifyReport(

@@ -240,3 +240,29 @@ async def test_group_commit_puts_concurrent_commands_in_few_transactions(store, 
         assert (await store.verify()).ok
     finally:
         await store.stop_group_commit()
+
+
+async def test_verify_on_a_busy_log_never_raises_a_false_alarm(pool):
+    """Auditors verify a live ledger: 8 writers keep appending while verify runs again and again; every
+    report is ok, and covers the head it read (events appended meanwhile lie past it)."""
+    store = EventStore(pool)
+    writers, rounds = 8, 40
+    writing = True
+
+    async def write(writer: int) -> None:
+        for n in range(rounds):
+            await store.append(Append(f"w{writer}", None, [purchase(n) for _ in range(random.randint(1, 3))]))
+
+    async def audit() -> list:
+        reports = []
+        while writing or not reports:
+            reports.append(await store.verify())
+        return reports
+
+    auditor = asyncio.create_task(audit())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    writing = False
+    reports = await auditor
+    assert [r for r in reports if not r.ok] == []
+    assert all(r.checked == r.head_position for r in reports)
+    assert len(reports) > 1
