@@ -116,7 +116,20 @@ _NOT_ONE_COMMANDS_FAULT = (
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, too many connections
+    asyncpg.InterfaceError,  # the client side of a cut connection
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-operation by a cut
+    OSError,
+    asyncio.TimeoutError,
 )
+
+
+def is_one_commands_fault(failure: Exception) -> bool:
+    """Whether a failed append may be retried alone: anything but a failure of the connection or the server.
+
+    asyncpg's own DataError (an argument it cannot encode) is an
+    InterfaceError, but the value at fault is one command's.
+    """
+    return isinstance(failure, asyncpg.exceptions._base.DataError) or not isinstance(failure, _NOT_ONE_COMMANDS_FAULT)
 
 
 class VerifyReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -642,29 +655,29 @@ class GroupCommit:
                     future.set_result(outcome)
 
     async def _append_batch(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
-        """The batch in one transaction; if PostgreSQL refuses it, each append in one of its own.
+        """The batch in one transaction; if it fails, each append in one of its own.
 
-        One command the database refuses (a constraint, a trigger, a value out
-        of range, a deadlock) must not fail the commands that happened to
-        share its transaction. An error PostgreSQL reports means the
-        transaction rolled back, so each append is simply tried again alone,
-        in order; an append behind a failed one of its stream then fails its
-        expected version, as it would have. Failures of the connection or the
-        server are not retried here: the clients' retries with their keys
-        settle them.
+        One command that fails (the database refuses it: a constraint, a
+        trigger, a value out of range, a deadlock; or Python does: an answer
+        that cannot be built, a value that cannot be encoded) must not fail
+        the commands that happened to share its transaction. The transaction
+        rolled back, so each append is simply tried again alone, in order; an
+        append behind a failed one of its stream then fails its expected
+        version, as it would have. Failures of the connection or the server
+        are not retried here: the clients' retries with their keys settle them.
         """
         try:
             return await self.store.append_many(appends)
-        except asyncpg.PostgresError as failure:
-            if len(appends) == 1 or isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+        except Exception as failure:
+            if len(appends) == 1 or not is_one_commands_fault(failure):
                 raise
-            log.warning("a group commit of %d appends failed (%s); retrying them one by one", len(appends), failure)
+            log.warning("a group commit of %d appends failed (%r); retrying them one by one", len(appends), failure)
         outcomes: list[list[Envelope] | Exception] = []
         for index, append in enumerate(appends):
             try:
                 outcomes.extend(await self.store.append_many([append]))
             except Exception as failure:
-                if isinstance(failure, asyncpg.PostgresError) and not isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+                if is_one_commands_fault(failure):
                     outcomes.append(failure)  # this command's own fault
                     continue
                 # The connection or the server failed: the appends not yet tried get

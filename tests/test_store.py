@@ -266,3 +266,23 @@ async def test_verify_on_a_busy_log_never_raises_a_false_alarm(pool):
     assert [r for r in reports if not r.ok] == []
     assert all(r.checked == r.head_position for r in reports)
     assert len(reports) > 1
+
+
+async def test_a_command_failing_outside_the_database_fails_alone_in_a_group_commit(store):
+    """Any failure of one command (here its answer cannot be built, a bug in Python rather than a refusal
+    by PostgreSQL) fails that command only; the commands sharing its transaction commit."""
+
+    def broken_answer(_recorded):
+        raise ValueError("an answer that cannot be built")
+
+    store.start_group_commit()
+    try:
+        appends = [Append(f"g{n}", 0, [purchase(n)]) for n in range(20)]
+        appends.insert(10, Append("broken", 0, [purchase(99)], respond=broken_answer))
+        results = await asyncio.gather(*(store.append(a) for a in appends), return_exceptions=True)
+    finally:
+        await store.stop_group_commit()
+    failed = [a.stream_id for a, r in zip(appends, results) if isinstance(r, Exception)]
+    assert failed == ["broken"] and isinstance(results[10], ValueError)
+    assert sorted(e.stream_id for e in await store.read_all(0, 100)) == sorted(f"g{n}" for n in range(20))
+    assert (await store.verify()).ok
