@@ -232,10 +232,31 @@ class Ledger:
                 operation, stream_id, command, fingerprint, actor, idempotency_key, expected_version
             )
         if idempotency_key is not None and outcome.status < 500 and outcome.position is None and not outcome.replayed:
-            # A refusal is an answer too: the retry gets it again.
-            await self.store.store_result(
-                StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
-            )
+            return await self._keep_refusal(stream_id, idempotency_key, fingerprint, outcome)
+        return outcome
+
+    async def _keep_refusal(self, stream_id: str, idempotency_key: str, fingerprint: str, outcome: Outcome) -> Outcome:
+        """Store a refusal under its Idempotency-Key, unless the key got its first answer meanwhile: then that one.
+
+        A refusal is an answer too: the retry gets it again. It is stored
+        through the append path (an append of no events), under the head lock
+        where every answer is checked and stored, so a concurrent request with
+        the same key either commits first (and this caller gets its answer) or
+        finds this refusal.
+        """
+        keep = Append(
+            stream_id=stream_id,
+            expected_version=None,
+            events=[],
+            result_keys=[ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint)],
+            respond=lambda _recorded: (outcome.status, outcome.body),
+        )
+        try:
+            await self.store.append(keep)
+        except AlreadyAnswered as answered:
+            stored = await self.store.stored_result(answered.stream_id, answered.command_key)
+            assert stored is not None
+            return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
         return outcome
 
     async def execute_series(self, stream_id: str, requests: Sequence[Request]) -> list[Outcome]:

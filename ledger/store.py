@@ -33,6 +33,7 @@ GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 SNAPSHOT_FORMAT = 4
 MAX_READ_LIMIT = 10_000
 MAX_WAIT_MS = 30_000
+PRUNE_BATCH_MAX = 1000  # answers deleted per transaction: pruning never holds many row locks for long
 
 
 class WrongExpectedVersion(Exception):
@@ -73,6 +74,30 @@ class StoredResult(NamedTuple):
     request_hash: str
     status: int
     body: bytes
+    created_at: datetime
+
+
+class HeadMoved(Exception):
+    """The log's head is not the one sealed events were meant to follow."""
+
+    def __init__(self, position: int, hash_: str) -> None:
+        super().__init__(f"the log's head is at {position}")
+        self.position = position
+        self.hash = hash_
+
+
+class _Prepared(NamedTuple):
+    """An event's part of an envelope that needs no head: computed before the head lock."""
+
+    occurred_at: datetime
+    type: str
+    schema_version: int
+    data: Any
+
+
+def _prepare(new: NewEvent) -> _Prepared:
+    name = event_type(new.event)
+    return _Prepared(new.occurred_at, name, current_version(name), to_data(new.event))
 
 
 class ResultKey(NamedTuple):
@@ -260,8 +285,16 @@ class EventStore:
         A command that fails its expected version, finds its key answered
         (before or earlier in the batch) or an identity taken is reported and
         leaves nothing behind (identity links are undone by a savepoint); the
-        others commit.
+        others commit. An append with no events stores its answer only (a
+        refusal kept for its Idempotency-Key): under the head lock like every
+        answer, so one key has one first answer.
+
+        The head lock serializes every writer of every process, so what can
+        run before taking it does (the events' data, their types); what runs
+        under it needs the head (positions, hashes) or must not race (keys,
+        versions, identities).
         """
+        prepared = [[_prepare(new) for new in append.events] for append in appends]
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 head_position, head_hash = await self._lock_head(conn)
@@ -271,7 +304,7 @@ class EventStore:
                 # the round trips under the head lock are what limit throughput.
                 answered = await self._answered_keys(conn, appends)
                 versions = await self._stream_versions(conn, appends)
-                for append in appends:
+                for append, events in zip(appends, prepared):
                     append.recorded, append.results = [], []  # an append retried alone (GroupCommit) starts afresh
                     try:
                         self._check_and_reserve(append, answered, versions)
@@ -282,19 +315,48 @@ class EventStore:
                     except _APPEND_REFUSALS as refusal:
                         outcomes.append(refusal)
                         continue
-                    recorded = self._seal(append, head_position, head_hash, versions)
+                    recorded = self._seal(append, events, head_position, head_hash, versions)
                     self._answer(append)
-                    head_position, head_hash = recorded[-1].position, recorded[-1].hash
+                    if recorded:
+                        head_position, head_hash = recorded[-1].position, recorded[-1].hash
                     rows.extend(recorded)
                     outcomes.append(recorded)
                 if rows:
-                    await insert_events(conn, rows)
-                    await conn.execute(
-                        "UPDATE event_head SET position = $1, hash = $2", head_position, head_hash
-                    )
-                    await self._store_results(conn, [r for a in appends for r in a.results])
-                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(head_position))
+                    await self._extend_log(conn, rows)
+                await self._store_results(conn, [r for a in appends for r in a.results])
         return outcomes
+
+    async def append_sealed(self, rows: list[Envelope], after: tuple[int, str]) -> None:
+        """Append events sealed elsewhere (an import of an export) right after the head ``after``.
+
+        The caller checked their chain; they go in through the same tail as
+        every append (``_extend_log``), with the identities their
+        ``identity_linked`` events link. Raises ``HeadMoved`` if the head is
+        no longer ``after``.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await self._lock_head(conn)
+            if head != after:
+                raise HeadMoved(*head)
+            await conn.executemany(
+                """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (identity_type, value) DO NOTHING""",
+                [(e.data["identity_type"], e.data["value"], e.stream_id) for e in rows if e.type == "identity_linked"],
+            )
+            await self._extend_log(conn, rows)
+
+    async def _extend_log(self, conn: asyncpg.Connection, rows: list[Envelope]) -> None:
+        """The one way events enter the log: insert them, move the head to the last, tell the listeners.
+
+        The caller holds the head lock and sealed ``rows`` on the head it read.
+        """
+        await insert_events(conn, rows)
+        last = rows[-1]
+        # One statement, one round trip under the head lock.
+        await conn.execute(
+            "WITH moved AS (UPDATE event_head SET position = $1, hash = $2) SELECT pg_notify($3, $4)",
+            last.position, last.hash, NOTIFY_CHANNEL, str(last.position),
+        )
 
     async def _lock_head(self, conn: asyncpg.Connection) -> tuple[int, str]:
         row = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
@@ -351,26 +413,26 @@ class EventStore:
             if owner != append.stream_id:
                 raise IdentityTaken(identity_type, value, owner)
 
-    def _seal(self, append: Append, position: int, previous_hash: str, versions: dict[str, int]) -> list[Envelope]:
+    def _seal(self, append: Append, events: list[_Prepared], position: int, previous_hash: str,
+              versions: dict[str, int]) -> list[Envelope]:
         """Give the command's events positions, versions and hashes."""
         recorded_at = self.clock()
         version = versions[append.stream_id]
-        for new in append.events:
+        for new in events:
             position += 1
             version += 1
-            name = event_type(new.event)
             unsealed = Envelope(
                 position=position,
                 stream_id=append.stream_id,
                 stream_version=version,
-                type=name,
-                schema_version=current_version(name),
+                type=new.type,
+                schema_version=new.schema_version,
                 occurred_at=new.occurred_at,
                 recorded_at=recorded_at,
                 command_id=append.command_id,
                 actor=append.actor,
                 programme_version=append.programme_version,
-                data=to_data(new.event),
+                data=new.data,
                 hash="",
             )
             previous_hash = envelope_hash(unsealed, previous_hash)
@@ -382,20 +444,41 @@ class EventStore:
         if append.respond is None:
             return
         status, body = append.answer = append.respond(append.recorded)
-        append.results = [StoredResult(key.stream_id, key.command_key, key.request_hash, status, body) for key in append.result_keys]
+        recorded_at = self.clock()
+        append.results = [
+            StoredResult(key.stream_id, key.command_key, key.request_hash, status, body, recorded_at)
+            for key in append.result_keys
+        ]
 
     async def _store_results(self, conn: asyncpg.Connection, results: list[StoredResult]) -> None:
+        # No ON CONFLICT: every writer of answers holds the head lock and checked
+        # the keys under it, so a duplicate is a bug, and it fails loudly.
         if results:
             await conn.executemany(
-                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body)
-                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
                 results,
             )
 
-    async def store_result(self, result: StoredResult) -> None:
-        """Keep a refusal's answer (nothing appended) for retries of its key."""
-        async with self.pool.acquire() as conn:
-            await self._store_results(conn, [result])
+    async def prune_answers(self, scope: str, older_than: datetime, batch_max: int = PRUNE_BATCH_MAX) -> int:
+        """Delete the answers stored under ``scope`` before ``older_than``, a bounded batch per transaction.
+
+        It takes no head lock: appends never wait for it (a pruned key is
+        checked under the lock like a key never seen). Returns how many went.
+        """
+        pruned = 0
+        while True:
+            deleted = await self.pool.fetchval(
+                """WITH gone AS (
+                       DELETE FROM command_results WHERE ctid = ANY(ARRAY(
+                           SELECT ctid FROM command_results WHERE stream_id = $1 AND created_at < $2 LIMIT $3))
+                       RETURNING 1)
+                   SELECT count(*) FROM gone""",
+                scope, older_than, batch_max,
+            )
+            pruned += deleted
+            if deleted < batch_max:
+                return pruned
 
     async def stored_result(self, stream_id: str, command_key: str) -> StoredResult | None:
         row = await self.pool.fetchrow(
@@ -403,7 +486,8 @@ class EventStore:
         )
         if row is None:
             return None
-        return StoredResult(row["stream_id"], row["command_key"], row["request_hash"].strip(), row["status"], row["body"])
+        return StoredResult(row["stream_id"], row["command_key"], row["request_hash"].strip(), row["status"], row["body"],
+                            row["created_at"])
 
     # -- reading -------------------------------------------------------------
 
