@@ -70,3 +70,41 @@ async def test_a_key_refused_and_accepted_concurrently_has_one_first_answer(two_
         if any((outcome.status, outcome.body) != (stored.status, stored.body) for outcome in answers):
             broken.append((n, [o.status for o in answers], stored.status))
     assert broken == []
+
+
+async def test_idempotency_answers_are_pruned_after_their_retention_natural_ids_are_kept(pool):
+    """Within the retention a retry with the key gets the first answer; once pruned, the key is
+    forgotten but the natural id still answers the first answer (its body is the business's id)."""
+    clock = ManualClock(NOW)
+    ledger = Ledger(EventStore(pool, clock), Programme(), clock)
+    await ledger.execute("enrol", "m1", cmd.Enrol(member_id="m1"), idempotency_key="k-enrol")
+    purchase = cmd.RecordPurchase(purchase_id="p1", store_id="s1", amount_cents=25_800)
+    first = await ledger.execute("purchase", "m1", purchase, idempotency_key="k-purchase")
+    refused = await ledger.execute("redemption", "m1", cmd.Redeem(redemption_id="r1", points=10_000),
+                                   idempotency_key="k-refused")
+    assert (first.status, refused.status) == (201, 409)
+
+    clock.advance(days=3)
+    late = cmd.RecordPurchase(purchase_id="p2", store_id="s1", amount_cents=900)
+    assert (await ledger.execute("purchase", "m1", late, idempotency_key="k-late")).status == 201
+    assert await ledger.store.prune_answers(GLOBAL_SCOPE, clock() - timedelta(days=7)) == 0
+    replay = await ledger.execute("purchase", "m1", purchase, idempotency_key="k-purchase")
+    assert (replay.status, replay.body, replay.replayed) == (201, first.body, True)
+
+    clock.advance(days=5)  # 8 days after the first answers, 5 after k-late's
+    assert await ledger.store.prune_answers(GLOBAL_SCOPE, clock() - timedelta(days=7), batch_max=1) == 3
+    assert await ledger.store.stored_result(GLOBAL_SCOPE, "idem:k-purchase") is None
+    assert await ledger.store.stored_result(GLOBAL_SCOPE, "idem:k-late") is not None
+    after = await ledger.execute("purchase", "m1", purchase, idempotency_key="k-purchase")
+    assert (after.status, after.body, after.replayed) == (201, first.body, True)  # by its natural id
+    assert await ledger.store.stored_result("m1", "purchase:p1") is not None
+
+
+async def test_listing_members_reads_the_index_of_first_events(pool):
+    store = EventStore(pool)
+    async with pool.acquire() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT stream_id FROM events WHERE stream_version = 1 AND stream_id > '' ORDER BY stream_id LIMIT 10"))
+    assert "events_stream_starts" in plan, plan
+    assert await store.stream_ids() == []
