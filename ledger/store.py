@@ -33,6 +33,11 @@ GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 SNAPSHOT_FORMAT = 4
 MAX_READ_LIMIT = 10_000
 MAX_WAIT_MS = 30_000
+# The statements of an append transaction, which holds the head lock every
+# writer waits for: a few milliseconds each, so 5 s is far, and shorter than a
+# request's deadline (10 s), so the others' appends still answer in time.
+APPEND_STATEMENT_TIMEOUT_MS = 5_000
+IMPORT_STATEMENT_TIMEOUT_MS = 30_000  # an import's COPY of 20,000 events
 PRUNE_BATCH_MAX = 1000  # answers deleted per transaction: pruning never holds many row locks for long
 
 
@@ -335,7 +340,7 @@ class EventStore:
         no longer ``after``.
         """
         async with self.pool.acquire() as conn, conn.transaction():
-            head = await self._lock_head(conn)
+            head = await self._lock_head(conn, IMPORT_STATEMENT_TIMEOUT_MS)
             if head != after:
                 raise HeadMoved(*head)
             await conn.executemany(
@@ -358,8 +363,19 @@ class EventStore:
             last.position, last.hash, NOTIFY_CHANNEL, str(last.position),
         )
 
-    async def _lock_head(self, conn: asyncpg.Connection) -> tuple[int, str]:
-        row = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
+    async def _lock_head(self, conn: asyncpg.Connection, statement_timeout_ms: int = APPEND_STATEMENT_TIMEOUT_MS) -> tuple[int, str]:
+        """Lock the head row for this transaction; its later statements are bounded by ``statement_timeout_ms``.
+
+        Every writer waits for the holder, so the holder's every step is
+        bounded: a client that stops between statements is cut by the pool's
+        idle_in_transaction_session_timeout (ledger/database.py), one that
+        stops mid-statement (a COPY waiting for its rows) by this timeout,
+        set in the same round trip and reset at the transaction's end.
+        """
+        row = await conn.fetchrow(
+            "SELECT position, hash, set_config('statement_timeout', $1, true) FROM event_head FOR UPDATE",
+            str(statement_timeout_ms),
+        )
         return row["position"], row["hash"].strip()
 
     async def _answered_keys(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> set[tuple[str, str]]:
