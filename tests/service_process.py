@@ -189,6 +189,15 @@ async def create_key(session: aiohttp.ClientSession, service: ServiceProcess, ro
     return body["key"]
 
 
+async def enrol_members(admin: Client, count: int) -> list[str]:
+    """Members m0..m<count-1>, enrolled one request each."""
+    members = [f"m{m}" for m in range(count)]
+    for member in members:
+        status, body, _ = await admin.post("/v1/members", {"member_id": member})
+        assert status == 201, body
+    return members
+
+
 # -- what must hold of the log, checked through the public API ---------------------
 
 # Event types whose natural id may appear once per member, and the field holding it.

@@ -26,6 +26,7 @@ from tests.service_process import (
     assert_chain_verifies,
     assert_log_is_well_formed,
     create_key,
+    enrol_members,
     read_all_events,
 )
 
@@ -123,9 +124,7 @@ async def test_a_writer_frozen_holding_the_head_lock_stops_no_other_writer(datab
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)) as session:
             admin = Client(session, other.url, other.admin_key)
             key = await create_key(session, other, "checkout", "till-freeze")
-            for m in range(MEMBERS):
-                status, body, _ = await admin.post("/v1/members", {"member_id": f"m{m}"})
-                assert status == 201, body
+            await enrol_members(admin, MEMBERS)
             load = Load([Client(session, s.url, key) for s in (frozen, other)])
             clients = [asyncio.create_task(load.client(m % 2, f"m{m}")) for m in range(MEMBERS)]
             while len(load.acknowledged(0)) < 20 or len(load.acknowledged(1)) < 20:
