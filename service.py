@@ -21,7 +21,8 @@ from api.app import create_app
 from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, SETTINGS
 from cli import commands
 from ledger.database import open_database
-from ledger.jobs import JOBS, run_job
+from ledger.application import Ledger
+from ledger.jobs import Scheduler
 from ledger.programme import load_programme
 from ledger.settings import Settings, SettingsError
 from projections.publisher import Publisher, PublisherConfig
@@ -30,6 +31,7 @@ from projections.runtime import Connect, ProjectionRuntime
 log = logging.getLogger("loyalty.service")
 
 EXIT_BAD_SETTINGS = 2  # as argparse exits on a bad command line
+PRUNE_EVERY_S = 3600  # Idempotency-Key answers live days: pruning hourly keeps each delete small
 
 
 def configure_logging(settings: Settings) -> None:
@@ -55,11 +57,13 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scheduler = asyncio.create_task(run_scheduler(app)) if settings.scheduler else None
+    background = [asyncio.create_task(prune_idempotency_answers(app[LEDGER], settings.idempotency_days))]
+    if settings.scheduler:
+        background.append(asyncio.create_task(Scheduler(app[LEDGER], lambda: asyncpg.connect(url)).run()))
     await stop.wait()
     log.info("stopping: draining in-flight requests")
-    if scheduler is not None:
-        scheduler.cancel()
+    for task in background:
+        task.cancel()
     await runner.cleanup()
     for task in publication:
         task.cancel()
@@ -99,20 +103,20 @@ def start_publication(app: web.Application, connect: Connect) -> list[asyncio.Ta
     return tasks
 
 
-async def run_scheduler(app: web.Application) -> None:
-    """Run the time jobs once a day, just after midnight in the programme's timezone."""
-    ledger = app[LEDGER]
+async def prune_idempotency_answers(ledger: Ledger, retention_days: int) -> None:
+    """Forget Idempotency-Key answers older than the retention, now and every ``PRUNE_EVERY_S``.
+
+    Every process may prune (the deletes are idempotent); none of it holds
+    the head lock, so appends never wait for it.
+    """
     while True:
-        now = ledger.clock()
-        local = now.astimezone(ledger.programme.zone)
-        next_run = (local + timedelta(days=1)).replace(hour=0, minute=5, second=0, microsecond=0)
-        await asyncio.sleep(max((next_run - local).total_seconds(), 1))
-        for name in JOBS:
-            try:
-                report = await run_job(ledger, name, ledger.clock(), actor=f"scheduler:{name}")
-                log.info("scheduled job %s appended %d events", name, report["appended"])
-            except Exception:
-                log.exception("scheduled job %s failed; it runs again tomorrow", name)
+        try:
+            pruned = await ledger.prune_idempotency_answers(timedelta(days=retention_days))
+            if pruned:
+                log.info("forgot %d Idempotency-Key answers older than %d days", pruned, retention_days)
+        except Exception:
+            log.warning("pruning Idempotency-Key answers failed; trying again in %d s", PRUNE_EVERY_S, exc_info=True)
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 # Young collections every this many allocations (Python's default: 700).

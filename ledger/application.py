@@ -19,7 +19,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple, Sequence
 import msgspec
 
@@ -318,6 +318,14 @@ class Ledger:
             except Exception:  # a snapshot is only a cache; the commands have succeeded
                 log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
         return outcomes
+
+    async def prune_idempotency_answers(self, retention: timedelta) -> int:
+        """Forget the Idempotency-Key answers first given more than ``retention`` ago; how many.
+
+        Natural-id answers are kept: they are the business's ids, and a
+        command with one still replays by it after its key is forgotten.
+        """
+        return await self.store.prune_answers(GLOBAL_SCOPE, self.clock() - retention)
 
     def _replay_or_reuse(self, stored: StoredResult, fingerprint: str, code: str, status: int) -> Outcome:
         if stored.request_hash == fingerprint:

@@ -252,6 +252,7 @@ class EventStore:
         self._relisten: asyncio.Task | None = None
         self._head_seen = 0
         self._head_changed = asyncio.Condition()
+        self.appended_events = 0  # by this process (loyalty_events_appended_total)
         self._group: GroupCommit | None = None
 
     # -- appending -----------------------------------------------------------
@@ -329,6 +330,7 @@ class EventStore:
                 if rows:
                     await self._extend_log(conn, rows)
                 await self._store_results(conn, [r for a in appends for r in a.results])
+        self.appended_events += len(rows)
         return outcomes
 
     async def append_sealed(self, rows: list[Envelope], after: tuple[int, str]) -> None:
