@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Callable, NamedTuple
 
 from events import catalogue as ev
+from events.codec import rfc3339
 from ledger import activities
 from ledger import commands as cmd
 from ledger.errors import DuplicateCommand, Refusal, not_found
@@ -83,7 +84,7 @@ def _unexpired(state: MemberState, parts: list[ev.BucketPoints]) -> list[ev.Buck
 def _not_before(at: datetime, earlier: datetime, what: str, code: str = "occurred_at_before_original") -> None:
     """A return or a reversal is dated no earlier than what it undoes."""
     if at < earlier:
-        raise Refusal(422, code, f"occurred_at is before {what} it undoes ({earlier.isoformat()})", field="occurred_at")
+        raise Refusal(422, code, f"occurred_at is before {what} it undoes ({rfc3339(earlier)})", field="occurred_at")
 
 
 def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.BucketPoints]:
@@ -94,7 +95,7 @@ def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.Bu
         raise Refusal(
             409,
             "insufficient_points",
-            f"{points} points asked, {max(spendable, 0)} available at {at.isoformat()}",
+            f"{points} points asked, {max(spendable, 0)} available at {rfc3339(at)}",
             available=spendable,
         )
     parts, shortfall = _take(sources, points)
@@ -374,7 +375,7 @@ def _redeem_coupon(state: MemberState, command: cmd.RedeemCoupon, programme: Pro
     if status != "issued":
         raise _not_redeemable(status if status != "redeemed" else "already_redeemed", f"the coupon is {status}")
     if at < coupon.valid_from:
-        raise _not_redeemable("not_yet_valid", f"the coupon is valid from {coupon.valid_from.isoformat()}")
+        raise _not_redeemable("not_yet_valid", f"the coupon is valid from {rfc3339(coupon.valid_from)}")
     if command.order_amount_cents < coupon.min_spend_cents:
         raise _not_redeemable(
             "min_spend_not_met", f"the order must be at least {coupon.min_spend_cents} cents"
