@@ -6,6 +6,7 @@ import asyncio
 import random
 from datetime import datetime, timedelta, timezone
 
+import asyncpg
 import pytest
 
 from ledger import commands as cmd
@@ -14,7 +15,7 @@ from ledger.clock import ManualClock
 from ledger.database import create_pool
 from ledger.programme import Programme
 from ledger.store import EventStore
-from tests.service_process import FaultyProxy
+from tests.service_process import FaultyProxy, ServiceProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -108,3 +109,23 @@ async def test_listing_members_reads_the_index_of_first_events(pool):
             "EXPLAIN SELECT stream_id FROM events WHERE stream_version = 1 AND stream_id > '' ORDER BY stream_id LIMIT 10"))
     assert "events_stream_starts" in plan, plan
     assert await store.stream_ids() == []
+
+
+async def test_serve_prunes_idempotency_answers_past_their_retention_in_the_background(database_url):
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            """INSERT INTO command_results (stream_id, command_key, request_hash, status, body, created_at)
+               VALUES ($1, $2, repeat('0', 64), 201, '{}', now() - make_interval(days => $3))""",
+            [(GLOBAL_SCOPE, "idem:old", 4), (GLOBAL_SCOPE, "idem:recent", 2),
+             ("m1", "purchase:p-old", 400)],
+        )
+        async with ServiceProcess(database_url, env={"LOYALTY_IDEMPOTENCY_DAYS": "3"}):
+            for _ in range(300):
+                keys = {r["command_key"] for r in await conn.fetch("SELECT command_key FROM command_results")}
+                if "idem:old" not in keys:
+                    break
+                await asyncio.sleep(0.1)
+        assert keys == {"idem:recent", "purchase:p-old"}
+    finally:
+        await conn.close()
