@@ -129,3 +129,18 @@ async def test_serve_prunes_idempotency_answers_past_their_retention_in_the_back
         assert keys == {"idem:recent", "purchase:p-old"}
     finally:
         await conn.close()
+
+
+async def test_pruning_neither_takes_nor_waits_for_the_head_lock(pool, database_url):
+    """Appends hold the head lock; pruning runs beside them, so it never holds one up nor waits for one."""
+    clock = ManualClock(NOW)
+    ledger = Ledger(EventStore(pool, clock), Programme(), clock)
+    await ledger.execute("enrol", "m1", cmd.Enrol(member_id="m1"), idempotency_key="k-enrol")
+    appender = await asyncpg.connect(database_url)
+    try:
+        async with appender.transaction():
+            await appender.execute("SELECT 1 FROM event_head FOR UPDATE")  # an append in progress
+            clock.advance(days=8)
+            assert await asyncio.wait_for(ledger.prune_idempotency_answers(timedelta(days=7)), 10) == 1
+    finally:
+        await appender.close()
