@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from datetime import timedelta
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import uvloop
@@ -31,7 +32,6 @@ from projections.runtime import Connect, ProjectionRuntime
 log = logging.getLogger("loyalty.service")
 
 EXIT_BAD_SETTINGS = 2  # as argparse exits on a bad command line
-PRUNE_EVERY_S = 3600  # Idempotency-Key answers live days: pruning hourly keeps each delete small
 
 
 def configure_logging(settings: Settings) -> None:
@@ -57,9 +57,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    background = [asyncio.create_task(prune_idempotency_answers(app[LEDGER], settings.idempotency_days))]
-    if settings.scheduler:
-        background.append(asyncio.create_task(Scheduler(app[LEDGER], lambda: asyncpg.connect(url)).run()))
+    background = background_tasks(app[LEDGER], settings, url)
     await stop.wait()
     log.info("stopping: draining in-flight requests")
     for task in background:
@@ -103,20 +101,28 @@ def start_publication(app: web.Application, connect: Connect) -> list[asyncio.Ta
     return tasks
 
 
-async def prune_idempotency_answers(ledger: Ledger, retention_days: int) -> None:
-    """Forget Idempotency-Key answers older than the retention, now and every ``PRUNE_EVERY_S``.
-
-    Every process may prune (the deletes are idempotent); none of it holds
-    the head lock, so appends never wait for it.
-    """
+async def every(interval_s: float, work: Callable[[], Awaitable[Any]], what: str) -> None:
+    """Run ``work`` now and every ``interval_s``; a failure is logged and the next round comes all the same."""
     while True:
         try:
-            pruned = await ledger.prune_idempotency_answers(timedelta(days=retention_days))
-            if pruned:
-                log.info("forgot %d Idempotency-Key answers older than %d days", pruned, retention_days)
+            await work()
         except Exception:
-            log.warning("pruning Idempotency-Key answers failed; trying again in %d s", PRUNE_EVERY_S, exc_info=True)
-        await asyncio.sleep(PRUNE_EVERY_S)
+            log.warning("%s failed; trying again in %g s", what, interval_s, exc_info=True)
+        await asyncio.sleep(interval_s)
+
+
+def background_tasks(ledger: Ledger, settings: Settings, url: str) -> list[asyncio.Task]:
+    """What every ``loyalty serve`` runs beside the requests; none of it holds up an append."""
+    retention = timedelta(days=settings.idempotency_days)
+    tasks = [
+        # Idempotency-Key answers live days: pruning hourly keeps each delete small.
+        asyncio.create_task(every(3600, lambda: ledger.prune_idempotency_answers(retention),
+                                  "pruning Idempotency-Key answers")),
+        asyncio.create_task(every(1, ledger.store.cut_stalled_lock_holders, "looking for stalled head-lock holders")),
+    ]
+    if settings.scheduler:
+        tasks.append(asyncio.create_task(Scheduler(ledger, lambda: asyncpg.connect(url)).run()))
+    return tasks
 
 
 # Young collections every this many allocations (Python's default: 700).

@@ -38,6 +38,10 @@ MAX_WAIT_MS = 30_000
 # request's deadline (10 s), so the others' appends still answer in time.
 APPEND_STATEMENT_TIMEOUT_MS = 5_000
 IMPORT_STATEMENT_TIMEOUT_MS = 30_000  # an import's COPY of 20,000 events
+# A session holding the head lock while its backend has waited this long for
+# its own client, with a writer waiting for the lock, is cut by that writer's
+# process: a client frozen mid-COPY is beyond the server's own timeouts.
+STALLED_HOLDER_S = 5.0
 PRUNE_BATCH_MAX = 1000  # answers deleted per transaction: pruning never holds many row locks for long
 
 
@@ -160,6 +164,9 @@ def is_one_commands_fault(failure: Exception) -> bool:
     InterfaceError, but the value at fault is one command's.
     """
     return isinstance(failure, asyncpg.exceptions._base.DataError) or not isinstance(failure, _NOT_ONE_COMMANDS_FAULT)
+
+
+_LOCK_HEAD_SQL = "SELECT position, hash, set_config('statement_timeout', $1, true) FROM event_head FOR UPDATE"
 
 
 class VerifyReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -365,6 +372,34 @@ class EventStore:
             last.position, last.hash, NOTIFY_CHANNEL, str(last.position),
         )
 
+    async def cut_stalled_lock_holders(self, stalled_s: float = STALLED_HOLDER_S) -> list[int]:
+        """End the sessions that block a head-lock waiter while they wait for their own client; their pids.
+
+        The pool's idle_in_transaction_session_timeout and the appends'
+        statement timeout bound a holder whose client stops between
+        statements or while the server works; one stopped while the server
+        waits for COPY data from it is reached by neither (PostgreSQL does not
+        cancel a statement blocked reading from its client), so every process
+        looks for one now and then. Only a holder that blocks our lock
+        statement and has waited for its client for ``stalled_s`` is cut: its
+        transaction rolls back, as if its connection had been lost.
+        """
+        rows = await self.pool.fetch(
+            """SELECT holder.pid, pg_terminate_backend(holder.pid) AS cut
+               FROM pg_stat_activity holder
+               WHERE holder.wait_event_type = 'Client' AND holder.state <> 'idle'
+                 AND holder.state_change < now() - make_interval(secs => $1)
+                 AND holder.pid IN (
+                     SELECT unnest(pg_blocking_pids(waiter.pid)) FROM pg_stat_activity waiter
+                     WHERE waiter.datname = current_database() AND waiter.wait_event_type = 'Lock'
+                       AND waiter.query LIKE $2)""",
+            stalled_s, _LOCK_HEAD_SQL.split(",")[0] + "%",
+        )
+        cut = [row["pid"] for row in rows if row["cut"]]
+        if cut:
+            log.warning("ended %d session(s) holding the head lock while stalled on their client: %s", len(cut), cut)
+        return cut
+
     async def _lock_head(self, conn: asyncpg.Connection, statement_timeout_ms: int = APPEND_STATEMENT_TIMEOUT_MS) -> tuple[int, str]:
         """Lock the head row for this transaction; its later statements are bounded by ``statement_timeout_ms``.
 
@@ -374,10 +409,7 @@ class EventStore:
         stops mid-statement (a COPY waiting for its rows) by this timeout,
         set in the same round trip and reset at the transaction's end.
         """
-        row = await conn.fetchrow(
-            "SELECT position, hash, set_config('statement_timeout', $1, true) FROM event_head FOR UPDATE",
-            str(statement_timeout_ms),
-        )
+        row = await conn.fetchrow(_LOCK_HEAD_SQL, str(statement_timeout_ms))
         return row["position"], row["hash"].strip()
 
     async def _answered_keys(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> set[tuple[str, str]]:
@@ -496,6 +528,8 @@ class EventStore:
             )
             pruned += deleted
             if deleted < batch_max:
+                if pruned:
+                    log.info("forgot %d answers of %r stored before %s", pruned, scope, older_than)
                 return pruned
 
     async def stored_result(self, stream_id: str, command_key: str) -> StoredResult | None:
