@@ -118,7 +118,6 @@ def background_tasks(ledger: Ledger, settings: Settings, url: str) -> list[async
         # Idempotency-Key answers live days: pruning hourly keeps each delete small.
         asyncio.create_task(every(3600, lambda: ledger.prune_idempotency_answers(retention),
                                   "pruning Idempotency-Key answers")),
-        asyncio.create_task(every(1, ledger.store.cut_stalled_lock_holders, "looking for stalled head-lock holders")),
     ]
     if settings.scheduler:
         tasks.append(asyncio.create_task(Scheduler(ledger, lambda: asyncpg.connect(url)).run()))

@@ -803,7 +803,7 @@ class GroupCommit:
         are not retried here: the clients' retries with their keys settle them.
         """
         try:
-            return await self.store.append_many(appends)
+            return await self._append_many_watched(appends)
         except Exception as failure:
             if len(appends) == 1 or not is_one_commands_fault(failure):
                 raise
@@ -821,6 +821,24 @@ class GroupCommit:
                 outcomes.extend([failure] * (len(appends) - index))
                 break
         return outcomes
+
+    async def _append_many_watched(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
+        """``append_many``; while it waits past ``STALLED_HOLDER_S``, cut a head-lock holder stalled on its client.
+
+        The waiter is the one that knows the lock is held too long, so it
+        looks; a holder that is merely busy is left alone.
+        """
+        appending = asyncio.ensure_future(self.store.append_many(appends))
+        try:
+            while not (await asyncio.wait({appending}, timeout=STALLED_HOLDER_S))[0]:
+                try:
+                    await asyncio.wait_for(self.store.cut_stalled_lock_holders(), STALLED_HOLDER_S)
+                except Exception:
+                    log.warning("could not look for a stalled head-lock holder", exc_info=True)
+        except BaseException:
+            appending.cancel()
+            raise
+        return appending.result()
 
     async def close(self) -> None:
         self.writer.cancel()

@@ -290,7 +290,8 @@ async def test_a_command_failing_outside_the_database_fails_alone_in_a_group_com
 
 async def test_a_writer_stalled_mid_copy_holding_the_head_lock_is_cut_and_the_others_go_on(store, database_url):
     """A client that stops while PostgreSQL waits for its COPY rows is beyond the server's timeouts (a
-    statement blocked reading from its client is not cancelled): the writers' processes cut it."""
+    statement blocked reading from its client is not cancelled): the group commit waiting for the head
+    lock cuts it."""
     stalled = await asyncpg.connect(database_url)
     never = asyncio.Event()
 
@@ -298,22 +299,17 @@ async def test_a_writer_stalled_mid_copy_holding_the_head_lock_is_cut_and_the_ot
         await never.wait()
         yield b""
 
+    store.start_group_commit()
     try:
         await stalled.execute("BEGIN")
         await stalled.execute("SELECT 1 FROM event_head FOR UPDATE")
         copying = asyncio.create_task(stalled.copy_to_table("events", source=rows_that_never_come()))
-        appending = asyncio.create_task(store.append(Append("m1", 0, [purchase(1)])))
-        cut: list[int] = []
-        for _round in range(200):  # as serve's background task does, every so often
-            cut += await store.cut_stalled_lock_holders(stalled_s=0.5)
-            if appending.done():
-                break
-            await asyncio.sleep(0.05)
-        assert [e.position for e in await asyncio.wait_for(appending, 10)] == [1]
-        assert len(cut) == 1
+        recorded = await asyncio.wait_for(store.append(Append("m1", 0, [purchase(1)])), 25)
+        assert [e.position for e in recorded] == [1]
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
             await asyncio.wait_for(copying, 10)
     finally:
         never.set()
         stalled.terminate()
+        await store.stop_group_commit()
     assert (await store.verify()).ok
