@@ -111,8 +111,8 @@ ROUTES = [
     Route("GET", "/v1/segments/{lifecycle}", get_segment, READER, "Members in a lifecycle, by member id",
           query=("after", "limit", "min_position"),
           parameter_schemas={"lifecycle": {"type": "string", "enum": list(LIFECYCLES)},
-                             # segments page by member id; an empty one is the first page, as none is
-                             "after": {"type": "string", "pattern": ID_PATTERN.replace("{1,64}", "{0,64}")}},
+                             # segments page by member id; an empty one is refused, as on every page
+                             "after": {"type": "string", "pattern": ID_PATTERN}},
           answer=Segment, operation_id="get_segment"),
     Route("GET", "/v1/projections", get_projections, READER, "Projection positions, lag and state",
           answer=Projections, operation_id="get_projections"),
