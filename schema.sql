@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (stream_id, stream_version)
 );
 CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position);
+-- Each stream's first event: listing the members (jobs, replays, segments by
+-- id) reads this small index instead of every event.
+CREATE INDEX IF NOT EXISTS events_stream_starts ON events (stream_id) WHERE stream_version = 1;
 
 -- The head of the log: the last position and its hash. Appends lock this one
 -- row (SELECT ... FOR UPDATE) for the length of their transaction. That
@@ -82,6 +85,10 @@ CREATE TABLE IF NOT EXISTS command_results (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (stream_id, command_key)
 );
+-- Idempotency-Key answers are kept LOYALTY_IDEMPOTENCY_DAYS (natural ids'
+-- for ever): the background pruning finds the old ones here.
+CREATE INDEX IF NOT EXISTS command_results_idempotency_created
+    ON command_results (created_at) WHERE stream_id = '*';
 
 -- What each campaign has granted (CONTRACT §6.2): written with the events that
 -- grant it, in the same transaction and under the head lock, by every path that

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from datetime import timedelta
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import uvloop
@@ -21,7 +22,8 @@ from api.app import create_app
 from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, SETTINGS
 from cli import commands
 from ledger.database import open_database
-from ledger.jobs import JOBS, run_job
+from ledger.application import Ledger
+from ledger.jobs import Scheduler
 from ledger.programme import load_programme
 from ledger.settings import Settings, SettingsError
 from projections.publisher import Publisher, PublisherConfig
@@ -55,11 +57,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scheduler = asyncio.create_task(run_scheduler(app)) if settings.scheduler else None
+    background = background_tasks(app[LEDGER], settings, url)
     await stop.wait()
     log.info("stopping: draining in-flight requests")
-    if scheduler is not None:
-        scheduler.cancel()
+    for task in background:
+        task.cancel()
     await runner.cleanup()
     for task in publication:
         task.cancel()
@@ -99,20 +101,27 @@ def start_publication(app: web.Application, connect: Connect) -> list[asyncio.Ta
     return tasks
 
 
-async def run_scheduler(app: web.Application) -> None:
-    """Run the time jobs once a day, just after midnight in the programme's timezone."""
-    ledger = app[LEDGER]
+async def every(interval_s: float, work: Callable[[], Awaitable[Any]], what: str) -> None:
+    """Run ``work`` now and every ``interval_s``; a failure is logged and the next round comes all the same."""
     while True:
-        now = ledger.clock()
-        local = now.astimezone(ledger.programme.zone)
-        next_run = (local + timedelta(days=1)).replace(hour=0, minute=5, second=0, microsecond=0)
-        await asyncio.sleep(max((next_run - local).total_seconds(), 1))
-        for name in JOBS:
-            try:
-                report = await run_job(ledger, name, ledger.clock(), actor=f"scheduler:{name}")
-                log.info("scheduled job %s appended %d events", name, report["appended"])
-            except Exception:
-                log.exception("scheduled job %s failed; it runs again tomorrow", name)
+        try:
+            await work()
+        except Exception:
+            log.warning("%s failed; trying again in %g s", what, interval_s, exc_info=True)
+        await asyncio.sleep(interval_s)
+
+
+def background_tasks(ledger: Ledger, settings: Settings, url: str) -> list[asyncio.Task]:
+    """What every ``loyalty serve`` runs beside the requests; none of it holds up an append."""
+    retention = timedelta(days=settings.idempotency_days)
+    tasks = [
+        # Idempotency-Key answers live days: pruning hourly keeps each delete small.
+        asyncio.create_task(every(3600, lambda: ledger.prune_idempotency_answers(retention),
+                                  "pruning Idempotency-Key answers")),
+    ]
+    if settings.scheduler:
+        tasks.append(asyncio.create_task(Scheduler(ledger, lambda: asyncpg.connect(url)).run()))
+    return tasks
 
 
 # Young collections every this many allocations (Python's default: 700).

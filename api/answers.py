@@ -124,11 +124,18 @@ class RebuildStarted(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state: Literal["rebuilding"]
 
 
+class JobFailure(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    member_id: str
+    error: str  # the refusal's problem, or the exception
+
+
 class JobReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     job: str
     as_of: Timestamp
     appended: int
     position: int | None  # the log's head after the job; null on a dry run
+    failed: int  # members whose job command failed; the job went on past them
+    failures: list[JobFailure]  # the first 20 of them
     dry_run: bool = False  # CONTRACT §6.5: true on a dry run only
 
 

@@ -73,17 +73,18 @@ class KeyRing:
         return principal
 
     async def create(self, name: str, role: str, created_by: str | None, secret: str | None = None) -> dict[str, Any]:
+        """A new key (``secret`` given: that one, as LOYALTY_ADMIN_KEY at every start); an existing secret is kept as it is."""
         secret = secret or f"lk_{secrets.token_urlsafe(32)}"
-        key_id = new_id("key")
-        await self.pool.execute(
+        digest = hash_key(secret)
+        key_id = await self.pool.fetchval(
             """INSERT INTO api_keys (key_id, key_hash, name, role, created_by) VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (key_hash) DO NOTHING""",
-            key_id,
-            hash_key(secret),
-            name,
-            role,
-            created_by,
+               ON CONFLICT (key_hash) DO NOTHING RETURNING key_id""",
+            new_id("key"), digest, name, role, created_by,
         )
+        if key_id is None:  # a given secret that is a key already (a restart with the same LOYALTY_ADMIN_KEY)
+            row = await self.pool.fetchrow("SELECT key_id, name, role FROM api_keys WHERE key_hash = $1", digest)
+            log.info("api key %s (%s, role %s) exists already; not created again", row["key_id"], row["name"], row["role"])
+            return {"key": secret, "key_id": row["key_id"], "name": row["name"], "role": row["role"]}
         log.info("api key %s (%s, role %s) created by %s", key_id, name, role, created_by or "the command line")
         return {"key": secret, "key_id": key_id, "name": name, "role": role}
 

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from api.auth import CHECKOUT, PRINCIPAL, Principal
-from api.commands import OPERATIONS, OPERATIONS_BY_NAME, prepare_command, record_head
+from api.commands import OPERATIONS, OPERATIONS_BY_NAME, prepare_command
 from api.context import LEDGER
 from api.decoding import BATCH_MAX_BYTES, BATCH_MAX_LINES, check_id, decode, read_body
 from api.problems import NDJSON, HttpProblem, unexpected_failure, validation_problem
@@ -87,7 +87,6 @@ async def run_batch_lines(
             return
         for (index, _), outcome in zip(lines, outcomes, strict=True):
             results[index] = outcome.status, outcome.body
-        record_head(app, outcomes)
 
     await asyncio.gather(*(run_series(member_id, lines) for member_id, lines in series.items()))
     return results

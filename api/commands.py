@@ -11,7 +11,6 @@ from aiohttp import web
 from api.auth import ADMIN, CHECKOUT, PRINCIPAL, Handler, Principal
 from api.context import LEDGER
 from api.decoding import DRY_RUN, decode, idempotency_key, if_match, path_id, read_body
-from api.middleware import METRICS
 from api.problems import HttpProblem, outcome_response
 from api.route import Route
 from ledger import answers
@@ -102,14 +101,7 @@ async def run_operation(
         fingerprint=fingerprint,
         dry_run=dry_run,
     )
-    record_head(app, [outcome])
     return outcome
-
-
-def record_head(app: web.Application, outcomes: list[Outcome]) -> None:
-    positions = [outcome.position for outcome in outcomes if outcome.position is not None]
-    if positions:
-        app[METRICS].head.set(max(positions))
 
 
 def command_handler(operation: Operation) -> Handler:

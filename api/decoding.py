@@ -76,9 +76,17 @@ def path_id(request: web.Request, name: str) -> str:
     return check_id(name, request.match_info[name])
 
 
-def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+def query_present(request: web.Request, name: str) -> str | None:
+    """The query value ``name``, None when absent; an empty one is refused (``after=`` meant something)."""
     raw = request.query.get(name)
-    if raw is None:  # an empty value is not a number (schemathesis): 422, not the default
+    if raw == "":
+        raise HttpProblem(422, "validation_failed", f"{name} is empty; leave it out instead", field=name)
+    return raw
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = query_present(request, name)
+    if raw is None:
         return default
     try:
         value = int(raw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from prometheus_client import generate_latest
 
@@ -14,6 +16,8 @@ from api.route import Route
 from ledger.database import schema_is_current
 
 READY_PROBE_S = 2.0
+
+log = logging.getLogger("loyalty.service")
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -36,7 +40,12 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
-    body = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    try:
+        metrics.head.set((await bounded(request.app[LEDGER].store.head(), READY_PROBE_S))[0])
+    except Exception:  # the database is away: the other metrics still answer, the head keeps its last value
+        log.warning("the log's head could not be read for /metrics", exc_info=True)
+    body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -9,11 +9,12 @@ from typing import Awaitable, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from api.context import SETTINGS
 from api.problems import HttpProblem, problem_response, unexpected_failure
 from ledger.application import Ledger
-from ledger.store import MAX_WAIT_MS
+from ledger.store import MAX_WAIT_MS, EventStore
 
 log = logging.getLogger("loyalty.service")
 
@@ -40,14 +41,26 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )
-        self.appended = Counter("loyalty_events_appended_total", "Events appended", registry=self.registry)
-        self.head = Gauge("loyalty_log_head_position", "Highest position appended", registry=self.registry)
+        self.registry.register(_AppendedEvents(ledger.store))
+        # Set from the log at each scrape (api/health.py): every process's appends, not only this one's.
+        self.head = Gauge("loyalty_log_head_position", "The log's head: its last position", registry=self.registry)
         # Read at scrape time. The cache fills up to its bound, then stays
         # there: RSS that grows with these is the cache, not a leak.
         Gauge("loyalty_member_cache_members", "Member states cached in this process",
               registry=self.registry).set_function(lambda: ledger.cached_members)
         Gauge("loyalty_member_cache_events", "Events folded into the cached member states (bounded by "
               "LOYALTY_CACHE_EVENTS)", registry=self.registry).set_function(lambda: ledger.cached_events)
+
+
+class _AppendedEvents:
+    """``loyalty_events_appended_total``: the events this process appended, read from the store at scrape time."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    def collect(self):
+        yield CounterMetricFamily("loyalty_events_appended", "Events appended by this process",
+                                  value=self.store.appended_events)
 
 
 def route_name(request: web.Request) -> str:

@@ -48,6 +48,7 @@ def outcome_response(outcome: Outcome) -> web.Response:
 
 
 _FIELD_AT = " - at `$."
+_MISSING = "missing required field `"
 
 
 def validation_problem(error: msgspec.ValidationError) -> HttpProblem:
@@ -56,6 +57,9 @@ def validation_problem(error: msgspec.ValidationError) -> HttpProblem:
     field_path = message.split(_FIELD_AT, 1)[1].rstrip("`") if _FIELD_AT in message else None
     if "unknown field" in message:
         field_path = message.split("`")[1] if "`" in message else field_path
+    if _MISSING in message:  # the field that is missing, under the object that misses it
+        missing = message.split(_MISSING, 1)[1].split("`", 1)[0]
+        field_path = f"{field_path}.{missing}" if field_path else missing
     leaf = (field_path or "").split(".")[-1].split("[")[0]
     named_id = leaf.endswith("_id") or leaf.endswith("_ref")
     # Or any field of the id type: referred_by (a member id), an activity's ref.

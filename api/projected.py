@@ -13,8 +13,8 @@ from aiohttp import web
 
 from api.answers import LedgerLine, LedgerPage, Liability, Projections, RebuildStarted, Segment, SegmentMember
 from api.auth import ADMIN, READER
-from api.context import PROJECTION_SERVICE, PUBLICATION
-from api.decoding import PAGE_LIMIT_MAX, POSITION_MAX, check_id, page, path_id, query_int, query_time
+from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION
+from api.decoding import PAGE_LIMIT_MAX, POSITION_MAX, check_id, page, path_id, query_int, query_present, query_time
 from api.problems import HttpProblem, json_response
 from api.route import Route
 from ledger.commands import ID_PATTERN
@@ -29,7 +29,16 @@ async def caught_up(request: web.Request, name: str) -> ProjectionService:
     """Wait until projection ``name`` has applied the request's ``min_position`` (bounded)."""
     service = request.app[PROJECTION_SERVICE]
     min_position = query_int(request, "min_position", 0, 0, POSITION_MAX)
-    if min_position and not await service.wait_for(name, min_position, MIN_POSITION_WAIT_MS):
+    if not min_position:
+        return service
+    head_position, _hash = await request.app[LEDGER].store.head()
+    if min_position > head_position:  # no wait can help: no write has answered with it
+        raise HttpProblem(
+            422, "min_position_ahead",
+            f"min_position {min_position} is past the log's head ({head_position}); pass a position a write answered with",
+            field="min_position", head_position=head_position,
+        )
+    if not await service.wait_for(name, min_position, MIN_POSITION_WAIT_MS):
         raise HttpProblem(
             503, "projection_lagging",
             f"the {name} projection has not applied position {min_position} yet; retry shortly",
@@ -63,14 +72,15 @@ async def get_segment(request: web.Request) -> web.StreamResponse:
     lifecycle = request.match_info["lifecycle"]
     if lifecycle not in LIFECYCLES:
         raise HttpProblem(404, "segment_not_found", f"segments are {', '.join(LIFECYCLES)}")
-    after = request.query.get("after", "")
-    if after:
+    after = query_present(request, "after")
+    if after is not None:
         check_id("after", after, "after is a member id: 1-64 characters of A-Z a-z 0-9 . _ : -")
     limit = query_int(request, "limit", 100, 1, PAGE_LIMIT_MAX)
     service = await caught_up(request, members.NAME)
     now = service.clock()
     listed = msgspec.convert(
-        await members.segment_page(service.pool, lifecycle, after, limit + 1, now, service.programme), list[SegmentMember]
+        await members.segment_page(service.pool, lifecycle, after or "", limit + 1, now, service.programme),
+        list[SegmentMember],
     )
     more = len(listed) > limit
     listed = listed[:limit]
@@ -101,8 +111,8 @@ ROUTES = [
     Route("GET", "/v1/segments/{lifecycle}", get_segment, READER, "Members in a lifecycle, by member id",
           query=("after", "limit", "min_position"),
           parameter_schemas={"lifecycle": {"type": "string", "enum": list(LIFECYCLES)},
-                             # segments page by member id; an empty one is the first page, as none is
-                             "after": {"type": "string", "pattern": ID_PATTERN.replace("{1,64}", "{0,64}")}},
+                             # segments page by member id; an empty one is refused, as on every page
+                             "after": {"type": "string", "pattern": ID_PATTERN}},
           answer=Segment, operation_id="get_segment"),
     Route("GET", "/v1/projections", get_projections, READER, "Projection positions, lag and state",
           answer=Projections, operation_id="get_projections"),

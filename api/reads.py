@@ -19,6 +19,7 @@ from api.context import LEDGER
 from api.decoding import POSITION_MAX, page, path_id, query_int, query_time
 from api.problems import NDJSON, HttpProblem, json_response, unexpected_failure
 from api.route import Route
+from events.catalogue import EVENT_TYPES
 from events.codec import encode_json
 from ledger.answers import MemberProfile, coupon_view, member_profile
 from ledger.commands import IDENTITY_TYPES
@@ -91,7 +92,7 @@ async def get_member_events(request: web.Request) -> web.StreamResponse:
 async def get_events(request: web.Request) -> web.StreamResponse:
     after, limit = page(request)
     wait_ms = query_int(request, "wait_ms", 0, 0, MAX_WAIT_MS)
-    types = [t for t in request.query.getall("type", []) for t in t.split(",") if t] or None
+    types = event_types(request)
     store = request.app[LEDGER].store
     envelopes = await store.read_all(after, limit + 1, types)
     if not envelopes and wait_ms:
@@ -104,6 +105,16 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     more = len(envelopes) > limit
     envelopes = envelopes[:limit]
     return json_response(EventsPage(events=envelopes, next_after=envelopes[-1].position if more else None))
+
+
+def event_types(request: web.Request) -> list[str] | None:
+    """The ``type`` filter of the feed (repeated or comma-separated); an unknown type is refused, not an empty page."""
+    types = [t for t in request.query.getall("type", []) for t in t.split(",") if t] or None
+    unknown = sorted(set(types or ()) - EVENT_TYPES.keys())
+    if unknown:
+        raise HttpProblem(422, "validation_failed", f"unknown event type {unknown[0][:64]!r}; the types are "
+                          f"{', '.join(sorted(EVENT_TYPES))}", field="type")
+    return types
 
 
 async def audit_verify(request: web.Request) -> web.StreamResponse:

@@ -3,9 +3,11 @@
 Clients post purchases, redemptions and returns (each with an
 Idempotency-Key, retried with the same key and body until answered) and read
 balances, while the soak cuts the service's database connections
-(pg_terminate_backend) every SOAK_FAULT_EVERY_S and kills the service
+(pg_terminate_backend) every SOAK_FAULT_EVERY_S, kills the service
 (SIGKILL, then a graceful SIGTERM restart) at a third and two thirds of the
-run. The service's RSS is sampled every few seconds.
+run, and freezes it (SIGSTOP, then SIGCONT SOAK_FREEZE_S later, 25 s by
+default: a GC pause, a frozen VM, most likely holding the head lock) half
+way. The service's RSS is sampled every few seconds.
 
 Then it checks what the issue asks: every acknowledged command's effect is in
 the log exactly once (none lost, none doubled), nothing refused left a trace,
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import time
@@ -57,6 +60,7 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "8"))
 MEMBERS = int(os.environ.get("SOAK_MEMBERS", "2000"))
 FAULT_EVERY_S = float(os.environ.get("SOAK_FAULT_EVERY_S", "20"))
+FREEZE_S = float(os.environ.get("SOAK_FREEZE_S", "25"))  # under the clients' 30 s timeout: they wait it out
 RSS_EVERY_S = float(os.environ.get("SOAK_RSS_EVERY_S", "1"))
 RSS_GROWTH_MAX = 0.10
 WARMUP_SHARE = 0.4  # of the last service run (the cache refilling), before RSS is held to the 10%
@@ -174,7 +178,7 @@ class Soak:
     # -- faults and samples ----------------------------------------------------
 
     async def inject_faults(self) -> None:
-        restarts = {SECONDS / 3: "sigkill", 2 * SECONDS / 3: "sigterm"}
+        restarts = {SECONDS / 3: "sigkill", SECONDS / 2: "sigstop", 2 * SECONDS / 3: "sigterm"}
         next_cut = FAULT_EVERY_S
         while not self.stop.is_set():
             await asyncio.sleep(0.5)
@@ -182,7 +186,7 @@ class Soak:
             for at, how in list(restarts.items()):
                 if now >= at:
                     del restarts[at]
-                    await self.restart(how)
+                    await (self.freeze() if how == "sigstop" else self.restart(how))
             if now >= next_cut:
                 next_cut += FAULT_EVERY_S
                 cut = await terminate_backends(self.service.database_url)
@@ -202,6 +206,16 @@ class Soak:
         down_s = time.monotonic() - started
         self.faults.append({"at_s": round(self.elapsed(), 1), "kind": f"service_{how}_restart", "down_s": round(down_s, 2)})
         say(f"service restarted after {how} ({down_s:.1f} s down)")
+
+    async def freeze(self) -> None:
+        """SIGSTOP the service for FREEZE_S, then SIGCONT: it must come back by itself, losing nothing."""
+        os.kill(self.service.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(FREEZE_S)
+        finally:
+            os.kill(self.service.pid, signal.SIGCONT)
+        self.faults.append({"at_s": round(self.elapsed(), 1), "kind": "service_sigstop", "frozen_s": FREEZE_S})
+        say(f"service continued after {FREEZE_S:.0f} s stopped")
 
     async def sample_rss(self) -> None:
         while not self.stop.is_set():
@@ -331,7 +345,7 @@ async def soak_run() -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "database": db.kind},
         "plan": {"seconds": SECONDS, "clients": CLIENTS, "members": MEMBERS, "fault_every_s": FAULT_EVERY_S,
-                 "restarts": ["sigkill at 1/3", "sigterm at 2/3"], "rss_every_s": RSS_EVERY_S},
+                 "restarts": ["sigkill at 1/3", f"sigstop for {FREEZE_S:.0f} s at 1/2", "sigterm at 2/3"], "rss_every_s": RSS_EVERY_S},
         "duration_s": round(duration_s, 1),
         "requests": {"commands": len(soak.sent), "reads": soak.reads, "by_status": dict(sorted(soak.statuses.items())),
                      "cut_off_by_faults": soak.cut_off, "retried": sum(1 for s in soak.sent if s.attempts > 1),

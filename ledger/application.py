@@ -20,7 +20,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable, NamedTuple, Sequence
 import msgspec
 
@@ -265,9 +265,7 @@ class Ledger:
         if outcome is None:
             return _refusal_outcome(Refusal(503, "contention", "the rules are being changed by many writers; retry"))
         if idempotency_key is not None and not dry_run:
-            await self.store.store_result(
-                StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
-            )
+            return await self._keep_refusal(stream_id, idempotency_key, fingerprint, outcome)
         return outcome
 
     def _decide_rules(self, command: cmd.Command) -> ev.Event:
@@ -518,10 +516,31 @@ class Ledger:
         if dry_run:
             return dry_run_outcome(outcome)
         if idempotency_key is not None and outcome.status < 500 and outcome.position is None and not outcome.replayed:
-            # A refusal is an answer too: the retry gets it again.
-            await self.store.store_result(
-                StoredResult(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint, outcome.status, outcome.body)
-            )
+            return await self._keep_refusal(stream_id, idempotency_key, fingerprint, outcome)
+        return outcome
+
+    async def _keep_refusal(self, stream_id: str, idempotency_key: str, fingerprint: str, outcome: Outcome) -> Outcome:
+        """Store a refusal under its Idempotency-Key, unless the key got its first answer meanwhile: then that one.
+
+        A refusal is an answer too: the retry gets it again. It is stored
+        through the append path (an append of no events), under the head lock
+        where every answer is checked and stored, so a concurrent request with
+        the same key either commits first (and this caller gets its answer) or
+        finds this refusal.
+        """
+        keep = Append(
+            stream_id=stream_id,
+            expected_version=None,
+            events=[],
+            result_keys=[ResultKey(GLOBAL_SCOPE, f"idem:{idempotency_key}", fingerprint)],
+            respond=lambda _recorded: (outcome.status, outcome.body),
+        )
+        try:
+            await self.store.append(keep)
+        except AlreadyAnswered as answered:
+            stored = await self.store.stored_result(answered.stream_id, answered.command_key)
+            assert stored is not None
+            return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
         return outcome
 
     async def execute_series(self, stream_id: str, requests: Sequence[Request]) -> list[Outcome]:
@@ -585,6 +604,14 @@ class Ledger:
             except Exception:  # a snapshot is only a cache; the commands have succeeded
                 log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
         return outcomes
+
+    async def prune_idempotency_answers(self, retention: timedelta) -> int:
+        """Forget the Idempotency-Key answers first given more than ``retention`` ago; how many.
+
+        Natural-id answers are kept: they are the business's ids, and a
+        command with one still replays by it after its key is forgotten.
+        """
+        return await self.store.prune_answers(GLOBAL_SCOPE, self.clock() - retention)
 
     def _replay_or_reuse(self, stored: StoredResult, fingerprint: str, code: str, status: int) -> Outcome:
         if stored.request_hash == fingerprint:

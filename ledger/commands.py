@@ -22,7 +22,11 @@ Amount = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
 SignedPoints = Annotated[int, msgspec.Meta(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset, e.g. 2025-01-03T10:00:00Z")]
-Birthday = Annotated[str, msgspec.Meta(pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")]
+# MM-DD, a day of a leap year: 02-29 is a birthday, 02-30 and 04-31 are not.
+Birthday = Annotated[str, msgspec.Meta(
+    pattern=r"^((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-9])|(0[13-9]|1[0-2])-30|(0[13578]|1[02])-31)$",
+    description="MM-DD, a day of the year (02-29 included)",
+)]
 IdentityType = Literal["phone", "unionid", "openid", "email", "card"]
 IDENTITY_TYPES: tuple[str, ...] = get_args(IdentityType)
 

@@ -201,17 +201,35 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     """
 
 
+# What bounds a transaction whose client stopped (SIGSTOP, a long GC pause, a
+# frozen VM, a half-open connection) while it held the head lock, which every
+# append of every process waits for: the server ends a session idle in a
+# transaction after 5 s (the appends' own statements are bounded by the store,
+# ledger/store.py), and probes a silent peer's socket after 10 s idle, every
+# 5 s, 3 times. Pool connections never idle inside a transaction on purpose:
+# their transactions run statement after statement (the projectors and the
+# listener have connections of their own).
+POOL_SERVER_SETTINGS = {
+    # The server cancels a statement after 30 s; the client gives up a little
+    # later, so the server's clearer error is the one normally seen.
+    "statement_timeout": "30s",
+    "idle_in_transaction_session_timeout": "5s",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "application_name": "loyalty",
+}
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    """A connection pool; every connection decodes jsonb and has a 30 s statement timeout."""
+    """A connection pool; every connection decodes jsonb and has the bounds of ``POOL_SERVER_SETTINGS``."""
     return await asyncpg.create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
         reset=_keep_session,
-        # The server cancels a statement after 30 s; the client gives up a little
-        # later, so the server's clearer error is the one normally seen.
-        server_settings={"statement_timeout": "30s", "application_name": "loyalty"},
+        server_settings=POOL_SERVER_SETTINGS,
         command_timeout=40,
     )
 

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import msgspec
 
 from events import catalogue as ev
+from events.codec import rfc3339
 from ledger import activities, referrals
 from ledger import commands as cmd
 from ledger.campaigns import CampaignBook, CouponReward, Grant, PurchaseFacts, Spend, rewards
@@ -108,7 +109,7 @@ def _unexpired(state: MemberState, parts: list[ev.BucketPoints]) -> list[ev.Buck
 def _not_before(at: datetime, earlier: datetime, what: str, code: str = "occurred_at_before_original") -> None:
     """A return or a reversal is dated no earlier than what it undoes."""
     if at < earlier:
-        raise Refusal(422, code, f"occurred_at is before {what} it undoes ({earlier.isoformat()})", field="occurred_at")
+        raise Refusal(422, code, f"occurred_at is before {what} it undoes ({rfc3339(earlier)})", field="occurred_at")
 
 
 def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.BucketPoints]:
@@ -119,7 +120,7 @@ def _burn_available(state: MemberState, points: int, at: datetime) -> list[ev.Bu
         raise Refusal(
             409,
             "insufficient_points",
-            f"{points} points asked, {max(spendable, 0)} available at {at.isoformat()}",
+            f"{points} points asked, {max(spendable, 0)} available at {rfc3339(at)}",
             available=spendable,
         )
     parts, shortfall = _take(sources, points)
@@ -456,7 +457,7 @@ def _redeem_coupon(state: MemberState, command: cmd.RedeemCoupon, programme: Pro
     if status != "issued":
         raise _not_redeemable(status if status != "redeemed" else "already_redeemed", f"the coupon is {status}")
     if at < coupon.valid_from:
-        raise _not_redeemable("not_yet_valid", f"the coupon is valid from {coupon.valid_from.isoformat()}")
+        raise _not_redeemable("not_yet_valid", f"the coupon is valid from {rfc3339(coupon.valid_from)}")
     if command.order_amount_cents < coupon.min_spend_cents:
         raise _not_redeemable(
             "min_spend_not_met", f"the order must be at least {coupon.min_spend_cents} cents"

@@ -19,6 +19,7 @@ DEFAULT_RATE_LIMIT_PER_S = 200.0
 RATE_BURST_FACTOR = 2  # a key may send this many seconds' worth of requests at once
 CACHE_EVENTS_MAX = 300_000  # see ledger/application.py: about 150 MB of member states
 PORT_MAX = 65_535
+IDEMPOTENCY_DAYS = 7  # how long an Idempotency-Key's first answer is kept (README, Exactly once)
 
 
 class SettingsError(ValueError):
@@ -39,6 +40,7 @@ class Settings:
     request_deadline_s: float = 10.0  # every bounded request answers within this (503 after)
     keepalive_s: float = 15.0  # idle connections, and request heads that never finish, are closed after this
     cache_events_max: int = CACHE_EVENTS_MAX
+    idempotency_days: int = IDEMPOTENCY_DAYS
     log_level: str = "INFO"
     nats_url: str | None = None  # None: no publication to NATS JetStream (CONTRACT §7)
     publisher: bool = True  # serve runs a publisher (one leads across processes) when nats_url is set
@@ -60,6 +62,7 @@ class Settings:
             request_deadline_s=env.positive_number("LOYALTY_REQUEST_DEADLINE_S", 10.0),
             keepalive_s=env.positive_number("LOYALTY_KEEPALIVE_S", 15.0),
             cache_events_max=env.integer("LOYALTY_CACHE_EVENTS", CACHE_EVENTS_MAX, low=1, high=10**9),
+            idempotency_days=env.integer("LOYALTY_IDEMPOTENCY_DAYS", IDEMPOTENCY_DAYS, low=1, high=36_500),
             log_level=env.log_level("LOYALTY_LOG_LEVEL", "INFO"),
             nats_url=env.text("LOYALTY_NATS_URL"),
             publisher=env.switch("LOYALTY_PUBLISHER"),

@@ -36,6 +36,16 @@ SNAPSHOT_FORMAT = 5
 MAX_READ_LIMIT = 10_000
 POSITION_UNBOUNDED = 2**62
 MAX_WAIT_MS = 30_000
+# The statements of an append transaction, which holds the head lock every
+# writer waits for: a few milliseconds each, so 5 s is far, and shorter than a
+# request's deadline (10 s), so the others' appends still answer in time.
+APPEND_STATEMENT_TIMEOUT_MS = 5_000
+IMPORT_STATEMENT_TIMEOUT_MS = 30_000  # an import's COPY of 20,000 events
+# A session holding the head lock while its backend has waited this long for
+# its own client, with a writer waiting for the lock, is cut by that writer's
+# process: a client frozen mid-COPY is beyond the server's own timeouts.
+STALLED_HOLDER_S = 5.0
+PRUNE_BATCH_MAX = 1000  # answers deleted per transaction: pruning never holds many row locks for long
 
 
 class WrongExpectedVersion(Exception):
@@ -92,6 +102,30 @@ class StoredResult(NamedTuple):
     request_hash: str
     status: int
     body: bytes
+    created_at: datetime
+
+
+class HeadMoved(Exception):
+    """The log's head is not the one sealed events were meant to follow."""
+
+    def __init__(self, position: int, hash_: str) -> None:
+        super().__init__(f"the log's head is at {position}")
+        self.position = position
+        self.hash = hash_
+
+
+class _Prepared(NamedTuple):
+    """An event's part of an envelope that needs no head: computed before the head lock."""
+
+    occurred_at: datetime
+    type: str
+    schema_version: int
+    data: Any
+
+
+def _prepare(new: NewEvent) -> _Prepared:
+    name = event_type(new.event)
+    return _Prepared(new.occurred_at, name, current_version(name), to_data(new.event))
 
 
 class ResultKey(NamedTuple):
@@ -141,7 +175,23 @@ _NOT_ONE_COMMANDS_FAULT = (
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, too many connections
+    asyncpg.InterfaceError,  # the client side of a cut connection
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-operation by a cut
+    OSError,
+    asyncio.TimeoutError,
 )
+
+
+def is_one_commands_fault(failure: Exception) -> bool:
+    """Whether a failed append may be retried alone: anything but a failure of the connection or the server.
+
+    asyncpg's own DataError (an argument it cannot encode) is an
+    InterfaceError, but the value at fault is one command's.
+    """
+    return isinstance(failure, asyncpg.exceptions._base.DataError) or not isinstance(failure, _NOT_ONE_COMMANDS_FAULT)
+
+
+_LOCK_HEAD_SQL = "SELECT position, hash, set_config('statement_timeout', $1, true) FROM event_head FOR UPDATE"
 
 
 class VerifyReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -276,6 +326,7 @@ class EventStore:
         self._head_seen = 0
         self._head_changed = asyncio.Condition()
         self.head_listeners: list[Callable[[int], None]] = []  # told each position a notification names
+        self.appended_events = 0  # by this process (loyalty_events_appended_total)
         self._group: GroupCommit | None = None
 
     # -- appending -----------------------------------------------------------
@@ -314,8 +365,16 @@ class EventStore:
         A command that fails its expected version, finds its key answered
         (before or earlier in the batch) or an identity taken is reported and
         leaves nothing behind (identity links are undone by a savepoint); the
-        others commit.
+        others commit. An append with no events stores its answer only (a
+        refusal kept for its Idempotency-Key): under the head lock like every
+        answer, so one key has one first answer.
+
+        The head lock serializes every writer of every process, so what can
+        run before taking it does (the events' data, their types); what runs
+        under it needs the head (positions, hashes) or must not race (keys,
+        versions, identities).
         """
+        prepared = {id(part): [_prepare(new) for new in part.events] for a in appends for part in (a, *a.together)}
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 head_position, head_hash = await self._lock_head(conn)
@@ -342,22 +401,88 @@ class EventStore:
                         outcomes.append(refusal)
                         continue
                     for part in parts:
-                        recorded = self._seal(part, head_position, head_hash, versions)
-                        head_position, head_hash = recorded[-1].position, recorded[-1].hash
+                        recorded = self._seal(part, prepared[id(part)], head_position, head_hash, versions)
+                        if recorded:
+                            head_position, head_hash = recorded[-1].position, recorded[-1].hash
                         rows.extend(recorded)
                     self._answer(append)
                     outcomes.append(append.recorded)
                 if rows:
-                    await insert_events(conn, rows)
-                    await conn.execute(
-                        "UPDATE event_head SET position = $1, hash = $2", head_position, head_hash
-                    )
-                    await self._store_results(conn, [r for a in appends for r in a.results])
-                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(head_position))
+                    await self._extend_log(conn, rows)
+                await self._store_results(conn, [r for a in appends for r in a.results])
+        self.appended_events += len(rows)
         return outcomes
 
-    async def _lock_head(self, conn: asyncpg.Connection) -> tuple[int, str]:
-        row = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
+    async def append_sealed(self, rows: list[Envelope], after: tuple[int, str]) -> None:
+        """Append events sealed elsewhere (an import of an export) right after the head ``after``.
+
+        The caller checked their chain; they go in through the same tail as
+        every append (``_extend_log``), with the identities their
+        ``identity_linked`` events link. Raises ``HeadMoved`` if the head is
+        no longer ``after``.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await self._lock_head(conn, IMPORT_STATEMENT_TIMEOUT_MS)
+            if head != after:
+                raise HeadMoved(*head)
+            await conn.executemany(
+                """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
+                   ON CONFLICT (identity_type, value) DO NOTHING""",
+                [(e.data["identity_type"], e.data["value"], e.stream_id) for e in rows if e.type == "identity_linked"],
+            )
+            await self._extend_log(conn, rows)
+
+    async def _extend_log(self, conn: asyncpg.Connection, rows: list[Envelope]) -> None:
+        """The one way events enter the log: insert them, move the head to the last, tell the listeners.
+
+        The caller holds the head lock and sealed ``rows`` on the head it read.
+        """
+        await insert_events(conn, rows)
+        last = rows[-1]
+        # One statement, one round trip under the head lock.
+        await conn.execute(
+            "WITH moved AS (UPDATE event_head SET position = $1, hash = $2) SELECT pg_notify($3, $4)",
+            last.position, last.hash, NOTIFY_CHANNEL, str(last.position),
+        )
+
+    async def cut_stalled_lock_holders(self, stalled_s: float = STALLED_HOLDER_S) -> list[int]:
+        """End the sessions that block a head-lock waiter while they wait for their own client; their pids.
+
+        The pool's idle_in_transaction_session_timeout and the appends'
+        statement timeout bound a holder whose client stops between
+        statements or while the server works; one stopped while the server
+        waits for COPY data from it is reached by neither (PostgreSQL does not
+        cancel a statement blocked reading from its client), so every process
+        looks for one now and then. Only a holder that blocks our lock
+        statement and has waited for its client for ``stalled_s`` is cut: its
+        transaction rolls back, as if its connection had been lost.
+        """
+        rows = await self.pool.fetch(
+            """SELECT holder.pid, pg_terminate_backend(holder.pid) AS cut
+               FROM pg_stat_activity holder
+               WHERE holder.wait_event_type = 'Client' AND holder.state <> 'idle'
+                 AND holder.state_change < now() - make_interval(secs => $1)
+                 AND holder.pid IN (
+                     SELECT unnest(pg_blocking_pids(waiter.pid)) FROM pg_stat_activity waiter
+                     WHERE waiter.datname = current_database() AND waiter.wait_event_type = 'Lock'
+                       AND waiter.query LIKE $2)""",
+            stalled_s, _LOCK_HEAD_SQL.split(",")[0] + "%",
+        )
+        cut = [row["pid"] for row in rows if row["cut"]]
+        if cut:
+            log.warning("ended %d session(s) holding the head lock while stalled on their client: %s", len(cut), cut)
+        return cut
+
+    async def _lock_head(self, conn: asyncpg.Connection, statement_timeout_ms: int = APPEND_STATEMENT_TIMEOUT_MS) -> tuple[int, str]:
+        """Lock the head row for this transaction; its later statements are bounded by ``statement_timeout_ms``.
+
+        Every writer waits for the holder, so the holder's every step is
+        bounded: a client that stops between statements is cut by the pool's
+        idle_in_transaction_session_timeout (ledger/database.py), one that
+        stops mid-statement (a COPY waiting for its rows) by this timeout,
+        set in the same round trip and reset at the transaction's end.
+        """
+        row = await conn.fetchrow(_LOCK_HEAD_SQL, str(statement_timeout_ms))
         return row["position"], row["hash"].strip()
 
     async def _answered_keys(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> set[tuple[str, str]]:
@@ -431,26 +556,26 @@ class EventStore:
             if owner != append.stream_id:
                 raise IdentityTaken(identity_type, value, owner)
 
-    def _seal(self, append: Append, position: int, previous_hash: str, versions: dict[str, int]) -> list[Envelope]:
+    def _seal(self, append: Append, events: list[_Prepared], position: int, previous_hash: str,
+              versions: dict[str, int]) -> list[Envelope]:
         """Give the command's events positions, versions and hashes."""
         recorded_at = self.clock()
         version = versions[append.stream_id]
-        for new in append.events:
+        for new in events:
             position += 1
             version += 1
-            name = event_type(new.event)
             unsealed = Envelope(
                 position=position,
                 stream_id=append.stream_id,
                 stream_version=version,
-                type=name,
-                schema_version=current_version(name),
+                type=new.type,
+                schema_version=new.schema_version,
                 occurred_at=new.occurred_at,
                 recorded_at=recorded_at,
                 command_id=append.command_id,
                 actor=append.actor,
                 programme_version=append.programme_version,
-                data=to_data(new.event),
+                data=new.data,
                 hash="",
             )
             previous_hash = envelope_hash(unsealed, previous_hash)
@@ -462,20 +587,43 @@ class EventStore:
         if append.respond is None:
             return
         status, body = append.answer = append.respond(append.recorded)
-        append.results = [StoredResult(key.stream_id, key.command_key, key.request_hash, status, body) for key in append.result_keys]
+        recorded_at = self.clock()
+        append.results = [
+            StoredResult(key.stream_id, key.command_key, key.request_hash, status, body, recorded_at)
+            for key in append.result_keys
+        ]
 
     async def _store_results(self, conn: asyncpg.Connection, results: list[StoredResult]) -> None:
+        # No ON CONFLICT: every writer of answers holds the head lock and checked
+        # the keys under it, so a duplicate is a bug, and it fails loudly.
         if results:
             await conn.executemany(
-                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body)
-                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
                 results,
             )
 
-    async def store_result(self, result: StoredResult) -> None:
-        """Keep a refusal's answer (nothing appended) for retries of its key."""
-        async with self.pool.acquire() as conn:
-            await self._store_results(conn, [result])
+    async def prune_answers(self, scope: str, older_than: datetime, batch_max: int = PRUNE_BATCH_MAX) -> int:
+        """Delete the answers stored under ``scope`` before ``older_than``, a bounded batch per transaction.
+
+        It takes no head lock: appends never wait for it (a pruned key is
+        checked under the lock like a key never seen). Returns how many went.
+        """
+        pruned = 0
+        while True:
+            deleted = await self.pool.fetchval(
+                """WITH gone AS (
+                       DELETE FROM command_results WHERE ctid = ANY(ARRAY(
+                           SELECT ctid FROM command_results WHERE stream_id = $1 AND created_at < $2 LIMIT $3))
+                       RETURNING 1)
+                   SELECT count(*) FROM gone""",
+                scope, older_than, batch_max,
+            )
+            pruned += deleted
+            if deleted < batch_max:
+                if pruned:
+                    log.info("forgot %d answers of %r stored before %s", pruned, scope, older_than)
+                return pruned
 
     async def stored_result(self, stream_id: str, command_key: str) -> StoredResult | None:
         row = await self.pool.fetchrow(
@@ -483,7 +631,8 @@ class EventStore:
         )
         if row is None:
             return None
-        return StoredResult(row["stream_id"], row["command_key"], row["request_hash"].strip(), row["status"], row["body"])
+        return StoredResult(row["stream_id"], row["command_key"], row["request_hash"].strip(), row["status"], row["body"],
+                            row["created_at"])
 
     # -- reading -------------------------------------------------------------
 
@@ -655,19 +804,31 @@ class EventStore:
 
     # -- verification --------------------------------------------------------
 
-    async def iter_all(self, after_position: int = 0, batch: int = 5000) -> AsyncIterator[list[Envelope]]:
+    async def iter_all(self, after_position: int = 0, batch: int = 5000,
+                       upto_position: int | None = None) -> AsyncIterator[list[Envelope]]:
+        """The log after ``after_position`` (up to ``upto_position`` when given), a page at a time."""
         while True:
             envelopes = await self.read_all(after_position, batch)
+            if upto_position is not None:
+                envelopes = [e for e in envelopes if e.position <= upto_position]
             if not envelopes:
                 return
             yield envelopes
             after_position = envelopes[-1].position
 
     async def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Recompute the chain; the first changed, missing or reordered event is reported."""
+        """Recompute the chain up to the head read first; the first changed, missing or reordered event is reported.
+
+        The head is read before the events: on a live log, events appended
+        while the check runs lie past it and are not judged (reading the head
+        last made an append committing meanwhile look like a forged tail).
+        Positions commit in order under the head lock, so every event up to
+        the head read is already visible.
+        """
+        head_position, head_hash = await self.head()
         previous_hash, expected_position, checked = GENESIS_HASH, 1, 0
         first_bad: int | None = None
-        async for envelopes in self.iter_all():
+        async for envelopes in self.iter_all(upto_position=head_position):
             for envelope in envelopes:
                 checked += 1
                 if first_bad is None:
@@ -679,7 +840,6 @@ class EventStore:
                 previous_hash = envelope.hash
             if progress is not None:
                 progress(len(envelopes))
-        head_position, head_hash = await self.head()
         if first_bad is None and (head_position != expected_position - 1 or head_hash != previous_hash):
             first_bad = expected_position  # the log's tail was removed
         return VerifyReport(
@@ -759,29 +919,29 @@ class GroupCommit:
                     future.set_result(outcome)
 
     async def _append_batch(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
-        """The batch in one transaction; if PostgreSQL refuses it, each append in one of its own.
+        """The batch in one transaction; if it fails, each append in one of its own.
 
-        One command the database refuses (a constraint, a trigger, a value out
-        of range, a deadlock) must not fail the commands that happened to
-        share its transaction. An error PostgreSQL reports means the
-        transaction rolled back, so each append is simply tried again alone,
-        in order; an append behind a failed one of its stream then fails its
-        expected version, as it would have. Failures of the connection or the
-        server are not retried here: the clients' retries with their keys
-        settle them.
+        One command that fails (the database refuses it: a constraint, a
+        trigger, a value out of range, a deadlock; or Python does: an answer
+        that cannot be built, a value that cannot be encoded) must not fail
+        the commands that happened to share its transaction. The transaction
+        rolled back, so each append is simply tried again alone, in order; an
+        append behind a failed one of its stream then fails its expected
+        version, as it would have. Failures of the connection or the server
+        are not retried here: the clients' retries with their keys settle them.
         """
         try:
-            return await self.store.append_many(appends)
-        except asyncpg.PostgresError as failure:
-            if len(appends) == 1 or isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+            return await self._append_many_watched(appends)
+        except Exception as failure:
+            if len(appends) == 1 or not is_one_commands_fault(failure):
                 raise
-            log.warning("a group commit of %d appends failed (%s); retrying them one by one", len(appends), failure)
+            log.warning("a group commit of %d appends failed (%r); retrying them one by one", len(appends), failure)
         outcomes: list[list[Envelope] | Exception] = []
         for index, append in enumerate(appends):
             try:
                 outcomes.extend(await self.store.append_many([append]))
             except Exception as failure:
-                if isinstance(failure, asyncpg.PostgresError) and not isinstance(failure, _NOT_ONE_COMMANDS_FAULT):
+                if is_one_commands_fault(failure):
                     outcomes.append(failure)  # this command's own fault
                     continue
                 # The connection or the server failed: the appends not yet tried get
@@ -789,6 +949,24 @@ class GroupCommit:
                 outcomes.extend([failure] * (len(appends) - index))
                 break
         return outcomes
+
+    async def _append_many_watched(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
+        """``append_many``; while it waits past ``STALLED_HOLDER_S``, cut a head-lock holder stalled on its client.
+
+        The waiter is the one that knows the lock is held too long, so it
+        looks; a holder that is merely busy is left alone.
+        """
+        appending = asyncio.ensure_future(self.store.append_many(appends))
+        try:
+            while not (await asyncio.wait({appending}, timeout=STALLED_HOLDER_S))[0]:
+                try:
+                    await asyncio.wait_for(self.store.cut_stalled_lock_holders(), STALLED_HOLDER_S)
+                except Exception:
+                    log.warning("could not look for a stalled head-lock holder", exc_info=True)
+        except BaseException:
+            appending.cancel()
+            raise
+        return appending.result()
 
     async def close(self) -> None:
         self.writer.cancel()

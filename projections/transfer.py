@@ -26,7 +26,7 @@ import msgspec
 
 from events.codec import GENESIS_HASH, encode_json
 from events.envelope import Envelope
-from ledger.store import NOTIFY_CHANNEL, EventStore, envelope_hash, insert_events
+from ledger.store import EventStore, HeadMoved, envelope_hash
 
 EXPORT_BATCH_EVENTS = 5000
 IMPORT_BATCH_EVENTS = 20_000
@@ -102,6 +102,7 @@ class _Importer:
 
     def __init__(self, pool, batch_events: int) -> None:
         self.pool = pool
+        self.store = EventStore(pool)
         self.batch_events = batch_events
         self.report = ImportReport()
         self.start_position, self.start_hash = 0, GENESIS_HASH  # this database's head when the import began
@@ -112,7 +113,7 @@ class _Importer:
         self.writing: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.start_position, self.start_hash = await EventStore(self.pool).head()
+        self.start_position, self.start_hash = await self.store.head()
         self.report.head_position, self.report.head_hash = self.start_position, self.start_hash
         self.accepted_position = self.start_position
 
@@ -172,18 +173,10 @@ class _Importer:
 
     async def _write(self, rows: list[Envelope]) -> None:
         last = rows[-1]
-        async with self.pool.acquire() as conn, conn.transaction():
-            head = await conn.fetchrow("SELECT position, hash FROM event_head FOR UPDATE")
-            if (head["position"], head["hash"].strip()) != (self.report.head_position, self.report.head_hash):
-                raise ImportRefused(f"the database's head moved to {head['position']} during the import; run it again")
-            await insert_events(conn, rows)
-            await conn.executemany(
-                """INSERT INTO identities (identity_type, value, stream_id) VALUES ($1, $2, $3)
-                   ON CONFLICT (identity_type, value) DO NOTHING""",
-                [(e.data["identity_type"], e.data["value"], e.stream_id) for e in rows if e.type == "identity_linked"],
-            )
-            await conn.execute("UPDATE event_head SET position = $1, hash = $2", last.position, last.hash)
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last.position))
+        try:
+            await self.store.append_sealed(rows, after=(self.report.head_position, self.report.head_hash))
+        except HeadMoved as moved:
+            raise ImportRefused(f"the database's head moved to {moved.position} during the import; run it again") from None
         self.report.inserted += len(rows)
         self.report.head_position, self.report.head_hash = last.position, last.hash
 

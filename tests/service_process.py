@@ -189,6 +189,15 @@ async def create_key(session: aiohttp.ClientSession, service: ServiceProcess, ro
     return body["key"]
 
 
+async def enrol_members(admin: Client, count: int) -> list[str]:
+    """Members m0..m<count-1>, enrolled one request each."""
+    members = [f"m{m}" for m in range(count)]
+    for member in members:
+        status, body, _ = await admin.post("/v1/members", {"member_id": member})
+        assert status == 201, body
+    return members
+
+
 # -- what must hold of the log, checked through the public API ---------------------
 
 # Event types whose natural id may appear once per member, and the field holding it.
@@ -279,7 +288,8 @@ class FaultyProxy:
     every open connection (as a server restart does); ``refuse()`` also closes the
     port (connection refused: the database is down); ``blackhole()`` accepts and
     forwards nothing (a network partition: the worst case for timeouts);
-    ``heal()`` goes back to forwarding. Works with a TCP or a Unix-socket server.
+    ``heal()`` goes back to forwarding. ``latency_s`` delays every chunk
+    forwarded (a far-away client). Works with a TCP or a Unix-socket server.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -295,6 +305,7 @@ class FaultyProxy:
         userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
         self.proxied_url = urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{self.port}", query=""))
         self.mode = "forward"
+        self.latency_s = 0.0
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -327,6 +338,8 @@ class FaultyProxy:
             while data := await source.read(65536):
                 if self.mode == "blackhole":
                     continue  # swallowed
+                if self.latency_s:
+                    await asyncio.sleep(self.latency_s)
                 sink.write(data)
                 await sink.drain()
         except (OSError, asyncio.CancelledError):

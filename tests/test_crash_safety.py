@@ -26,6 +26,7 @@ from tests.service_process import (
     assert_chain_verifies,
     assert_log_is_well_formed,
     create_key,
+    enrol_members,
     read_all_events,
     run_cli,
     wait_for_projections,
@@ -155,9 +156,7 @@ async def test_sigkill_mid_load_loses_no_acknowledged_command_and_doubles_none(d
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
             admin = Client(session, service.url, service.admin_key)
             checkout_key = await create_key(session, service, "checkout", "till-crash")
-            for m in range(MEMBERS):
-                status, body, _ = await admin.post("/v1/members", {"member_id": f"m{m}"})
-                assert status == 201, body
+            await enrol_members(admin, MEMBERS)
             for referee, referrer in REFEREES:
                 status, body, _ = await admin.post("/v1/members", {"member_id": referee, "referred_by": referrer})
                 assert status == 201, body

@@ -15,13 +15,13 @@ def test_every_setting_is_read_from_its_variable():
         "DATABASE_URL": "postgresql://db/loyalty", "LOYALTY_PROGRAMME": "p.toml", "LOYALTY_HOST": "0.0.0.0",
         "LOYALTY_PORT": "9090", "LOYALTY_RATE_LIMIT": "50", "LOYALTY_SCHEDULER": "off", "LOYALTY_PROJECTORS": "OFF",
         "LOYALTY_ADMIN_KEY": "secret", "LOYALTY_REQUEST_DEADLINE_S": "2.5", "LOYALTY_KEEPALIVE_S": "30",
-        "LOYALTY_CACHE_EVENTS": "1000", "LOYALTY_LOG_LEVEL": "debug", "LOYALTY_NATS_URL": "nats://127.0.0.1:4222",
-        "LOYALTY_PUBLISHER": "off",
+        "LOYALTY_CACHE_EVENTS": "1000", "LOYALTY_IDEMPOTENCY_DAYS": "3", "LOYALTY_LOG_LEVEL": "debug",
+        "LOYALTY_NATS_URL": "nats://127.0.0.1:4222", "LOYALTY_PUBLISHER": "off",
     })
     assert settings == Settings(
         database_url="postgresql://db/loyalty", programme_path="p.toml", host="0.0.0.0", port=9090,
         rate_limit_per_s=50.0, rate_burst=100.0, scheduler=False, projectors=False, admin_key="secret",
-        request_deadline_s=2.5, keepalive_s=30.0, cache_events_max=1000, log_level="DEBUG",
+        request_deadline_s=2.5, keepalive_s=30.0, cache_events_max=1000, idempotency_days=3, log_level="DEBUG",
         nats_url="nats://127.0.0.1:4222", publisher=False,
     )
     assert Settings.from_env({}) == Settings()
@@ -32,7 +32,8 @@ def test_every_setting_is_read_from_its_variable():
     ("LOYALTY_RATE_LIMIT", "0"), ("LOYALTY_RATE_LIMIT", "-5"), ("LOYALTY_RATE_LIMIT", "fast"),
     ("LOYALTY_RATE_LIMIT", "nan"), ("LOYALTY_PORT", "0"), ("LOYALTY_PORT", "80a"), ("LOYALTY_SCHEDULER", "no"),
     ("LOYALTY_PROJECTORS", "maybe"), ("LOYALTY_REQUEST_DEADLINE_S", "0"), ("LOYALTY_KEEPALIVE_S", "-1"),
-    ("LOYALTY_CACHE_EVENTS", "0"), ("LOYALTY_LOG_LEVEL", "LOUD"), ("LOYALTY_PUBLISHER", "maybe"),
+    ("LOYALTY_CACHE_EVENTS", "0"), ("LOYALTY_IDEMPOTENCY_DAYS", "0"), ("LOYALTY_IDEMPOTENCY_DAYS", "a week"),
+    ("LOYALTY_LOG_LEVEL", "LOUD"), ("LOYALTY_PUBLISHER", "maybe"),
 ])
 def test_a_setting_that_cannot_work_is_refused_naming_its_variable(name, value):
     with pytest.raises(SettingsError, match=name):

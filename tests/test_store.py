@@ -240,3 +240,76 @@ async def test_group_commit_puts_concurrent_commands_in_few_transactions(store, 
         assert (await store.verify()).ok
     finally:
         await store.stop_group_commit()
+
+
+async def test_verify_on_a_busy_log_never_raises_a_false_alarm(pool):
+    """Auditors verify a live ledger: 8 writers keep appending while verify runs again and again; every
+    report is ok, and covers the head it read (events appended meanwhile lie past it)."""
+    store = EventStore(pool)
+    writers, rounds = 8, 40
+    writing = True
+
+    async def write(writer: int) -> None:
+        for n in range(rounds):
+            await store.append(Append(f"w{writer}", None, [purchase(n) for _ in range(random.randint(1, 3))]))
+
+    async def audit() -> list:
+        reports = []
+        while writing or not reports:
+            reports.append(await store.verify())
+        return reports
+
+    auditor = asyncio.create_task(audit())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    writing = False
+    reports = await auditor
+    assert [r for r in reports if not r.ok] == []
+    assert all(r.checked == r.head_position for r in reports)
+    assert len(reports) > 1
+
+
+async def test_a_command_failing_outside_the_database_fails_alone_in_a_group_commit(store):
+    """Any failure of one command (here its answer cannot be built, a bug in Python rather than a refusal
+    by PostgreSQL) fails that command only; the commands sharing its transaction commit."""
+
+    def broken_answer(_recorded):
+        raise ValueError("an answer that cannot be built")
+
+    store.start_group_commit()
+    try:
+        appends = [Append(f"g{n}", 0, [purchase(n)]) for n in range(20)]
+        appends.insert(10, Append("broken", 0, [purchase(99)], respond=broken_answer))
+        results = await asyncio.gather(*(store.append(a) for a in appends), return_exceptions=True)
+    finally:
+        await store.stop_group_commit()
+    failed = [a.stream_id for a, r in zip(appends, results) if isinstance(r, Exception)]
+    assert failed == ["broken"] and isinstance(results[10], ValueError)
+    assert sorted(e.stream_id for e in await store.read_all(0, 100)) == sorted(f"g{n}" for n in range(20))
+    assert (await store.verify()).ok
+
+
+async def test_a_writer_stalled_mid_copy_holding_the_head_lock_is_cut_and_the_others_go_on(store, database_url):
+    """A client that stops while PostgreSQL waits for its COPY rows is beyond the server's timeouts (a
+    statement blocked reading from its client is not cancelled): the group commit waiting for the head
+    lock cuts it."""
+    stalled = await asyncpg.connect(database_url)
+    never = asyncio.Event()
+
+    async def rows_that_never_come():
+        await never.wait()
+        yield b""
+
+    store.start_group_commit()
+    try:
+        await stalled.execute("BEGIN")
+        await stalled.execute("SELECT 1 FROM event_head FOR UPDATE")
+        copying = asyncio.create_task(stalled.copy_to_table("events", source=rows_that_never_come()))
+        recorded = await asyncio.wait_for(store.append(Append("m1", 0, [purchase(1)])), 25)
+        assert [e.position for e in recorded] == [1]
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await asyncio.wait_for(copying, 10)
+    finally:
+        never.set()
+        stalled.terminate()
+        await store.stop_group_commit()
+    assert (await store.verify()).ok
