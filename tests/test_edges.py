@@ -57,10 +57,11 @@ async def test_an_unknown_event_type_is_refused_not_an_empty_page(api):
 
 
 async def test_a_birthday_that_is_no_day_of_the_year_is_refused(api):
+    head_before = await api.head()  # the programme's version 1
     for birthday in ("02-30", "04-31", "11-31"):
         status, problem, _ = await api.post("/v1/members", {"member_id": "m1", "birthday": birthday})
         assert (status, problem["code"], problem["field"]) == (422, "validation_failed", "birthday"), problem
-    assert await api.head() == 0
+    assert await api.head() == head_before
     for member, birthday in (("m1", "02-29"), ("m2", "12-31")):
         status, answer, _ = await api.post("/v1/members", {"member_id": member, "birthday": birthday})
         assert status == 201, answer
