@@ -22,6 +22,10 @@ import asyncio
 from typing import Awaitable, Callable, Sequence
 
 CATCH_UP_PAGE = 10_000  # rows a catch-up query reads at most; it reads pages until one is short
+# A catch-up is shared and outlives the requests waiting for it, so it is bounded on its own: one hung
+# on a connection a partition left silent would otherwise hold every later read. Its readers then read
+# the log themselves (``Ledger.read``), bounded by their requests' deadlines.
+CATCH_UP_TIMEOUT_S = 5.0
 
 Row = tuple[int, str, int]  # position, stream_id, stream_version
 ReadAfter = Callable[[int, int], Awaitable[Sequence[Row]]]
@@ -63,7 +67,7 @@ class LogFollower:
                 done, self._next = self._next, None
                 self._readers_about = False
                 try:
-                    await self._catch_up()
+                    await asyncio.wait_for(self._catch_up(), CATCH_UP_TIMEOUT_S)
                 except Exception as failure:
                     done.set_exception(failure)
                     done.exception()  # a catch-up only a notification asked for has nobody to tell
