@@ -139,8 +139,9 @@ class Simulation:
         if isinstance(event, ev.PurchaseRecorded):
             self._purchase(stream_id, occurred_at, event)
         elif isinstance(event, ev.PointsEarned) and event.purchase_id is not None:
-            purchase = self.last_purchase[stream_id]
-            assert purchase.purchase_id == event.purchase_id, "a purchase's grants follow it in its stream"
+            purchase = self.last_purchase.get(stream_id)
+            if purchase is None or purchase.purchase_id != event.purchase_id:
+                return  # not this member's purchase's own credit (a referrer's reward names the referee's)
             if event.campaign_id is None:
                 self._earned(stream_id, purchase, programme_version, event)
             else:
