@@ -28,19 +28,19 @@ def _campaign_id(value: str, name: str = "campaign_id") -> str:
 
 
 async def post_campaign(request: web.Request) -> web.StreamResponse:
-    command = decode(await read_body(request), cmd.CreateCampaign)
-    outcome = await request.app[LEDGER].execute_rules(
-        "campaign_create", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request),
-        dry_run=request[DRY_RUN],
-    )
-    return outcome_response(outcome)
+    return await _change(request, "campaign_create", decode(await read_body(request), cmd.CreateCampaign))
 
 
 async def end_campaign(request: web.Request) -> web.StreamResponse:
     campaign_id = _campaign_id(request.match_info["campaign_id"])
     command = decode(await read_body(request), cmd.EndCampaign, campaign_id=campaign_id)
+    return await _change(request, "campaign_end", command)
+
+
+async def _change(request: web.Request, operation: str, command: cmd.Command) -> web.StreamResponse:
+    """A campaign's creation or end, exactly once per Idempotency-Key, or its dry run."""
     outcome = await request.app[LEDGER].execute_rules(
-        "campaign_end", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request),
+        operation, command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request),
         dry_run=request[DRY_RUN],
     )
     return outcome_response(outcome)
