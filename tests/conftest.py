@@ -31,6 +31,7 @@ from ledger.database import (
 )
 from tests.nats_server import NatsServer
 from tests.service_process import ServiceProcess
+from tests.support import running_api
 
 # Database names carry the pid so that two test runs can share one server.
 _PID = os.getpid()
@@ -144,3 +145,11 @@ async def nats_server():
         yield await server.start()
     finally:
         server.close()
+
+
+@pytest.fixture
+async def api(pool):
+    """The application on the test's database, served on a free port (tests.support.Api).
+    A module that needs more (members enrolled, projectors) defines its own."""
+    async with running_api(pool) as api:
+        yield api

@@ -8,15 +8,8 @@ import json
 
 import pytest
 
-from tests.support import running_api
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 async def record(api, member_id: str, activity_id: str, activity_type: str, **body):

@@ -19,15 +19,8 @@ import pytest
 from api import reads
 from api.console import ASSETS, SHELL
 from tests.service_process import ROOT
-from tests.support import running_api
 
 STATIC = ROOT / "api" / "console" / "static"
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 async def test_the_current_key_is_named_with_its_role_for_every_role(api):

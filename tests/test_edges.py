@@ -18,12 +18,6 @@ pytestmark = pytest.mark.asyncio
 RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
-
-
 async def test_a_min_position_past_the_head_is_refused_at_once(api):
     await api.enrol("m1")
     head = await api.head()

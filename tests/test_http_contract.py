@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.support import TUESDAY, running_api
+from tests.support import TUESDAY
 
 pytestmark = pytest.mark.asyncio
 
@@ -16,12 +16,6 @@ def assert_problem(status: int, body: dict, response, expected_status: int, code
     assert response.content_type == "application/problem+json"
     assert {"type", "title", "status", "detail", "code"} <= body.keys()
     assert body["status"] == expected_status and body["code"] == code
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 ROUTES_BY_ROLE = [

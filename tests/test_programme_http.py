@@ -14,17 +14,11 @@ from ledger.database import create_pool
 from ledger.programme import Programme
 from ledger.store import EventStore
 from ledger import commands as cmd
-from tests.support import TUESDAY, running_api
+from tests.support import TUESDAY
 
 pytestmark = pytest.mark.asyncio
 
 LONG_AGO = "2024-12-19T02:00:00Z"  # 19 days before TUESDAY, a Thursday: purchases are available
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 async def funded(api, member_id: str, points: int) -> None:

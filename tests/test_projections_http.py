@@ -14,17 +14,10 @@ import pytest
 
 from api import projected
 from service import start_projectors
-from tests.support import running_api
 
 pytestmark = pytest.mark.asyncio
 
 SATURDAY_EARLIER = "2024-12-21T02:00:00Z"  # not a member day; past the pending days, so available
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 @pytest.fixture

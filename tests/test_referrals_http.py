@@ -6,15 +6,8 @@ import json
 
 import pytest
 
-from tests.support import running_api
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 async def test_enrolment_codes_and_the_purchase_answer(api):

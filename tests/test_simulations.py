@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from events.codec import rfc3339
-from tests.support import TUESDAY, running_api
+from tests.support import TUESDAY
 from tests.test_replay import loyalty
 
 pytestmark = pytest.mark.asyncio
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.asyncio
 HOUR, DAY = timedelta(hours=1), timedelta(days=1)
 # TUESDAY is 2025-01-07 02:00Z, 10:00 in Shanghai; the window is [Wednesday 02:00Z, Saturday 02:00Z).
 WINDOW = {"from": rfc3339(TUESDAY + DAY), "to": rfc3339(TUESDAY + 4 * DAY)}
-
-
-@pytest.fixture
-async def api(pool):
-    async with running_api(pool) as api:
-        yield api
 
 
 def campaign(campaign_id: str, reward: dict, starts_at=TUESDAY, **fields) -> dict:
