@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from typing import Awaitable, TypeVar
+from typing import Any, Coroutine, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +27,10 @@ METRICS = web.AppKey("metrics", "Metrics")
 _UNBOUNDED_PATHS = ("/v1/batch", "/v1/audit/verify", "/v1/jobs/", "/v1/projections/", "/v1/simulations")
 
 T = TypeVar("T")
+
+# Labelled metric children kept per (method, route, status): prometheus_client's ``labels()`` takes a
+# lock and builds a key on every call. Methods are whatever clients send, so the cache is bounded.
+LABELLED_CHILDREN_MAX = 1_000
 
 
 class Metrics:
@@ -50,6 +55,18 @@ class Metrics:
               registry=self.registry).set_function(lambda: ledger.cached_members)
         Gauge("loyalty_member_cache_events", "Events folded into the cached member states (bounded by "
               "LOYALTY_CACHE_EVENTS)", registry=self.registry).set_function(lambda: ledger.cached_events)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, duration_s: float) -> None:
+        """Count one answered request and its latency."""
+        children = self._children.get((method, route, status))
+        if children is None:
+            children = self.requests.labels(method, route, str(status)), self.latency.labels(method, route)
+            if len(self._children) >= LABELLED_CHILDREN_MAX:
+                self._children.clear()
+            self._children[method, route, status] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
 
 class _AppendedEvents:
@@ -92,9 +109,7 @@ async def problems_and_metrics(request: web.Request, handler):
     except Exception as failure:  # the last line of defence: a 5xx is never stored as an answer
         answer = unexpected_failure(failure, f"{request.method} {request.path}", reading=request.method == "GET")
         response = problem_response(answer.status, answer.code, answer.detail, answer.headers)
-    route = route_name(request)
-    metrics.requests.labels(request.method, route, str(response.status)).inc()
-    metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    metrics.observe(request.method, route_name(request), response.status, time.perf_counter() - started)
     return response
 
 
@@ -111,8 +126,17 @@ def request_deadline_s(request: web.Request) -> float | None:
     return deadline_s
 
 
-async def bounded(work: Awaitable[T], deadline_s: float | None) -> T:
+async def bounded(work: Coroutine[Any, Any, T], deadline_s: float | None) -> T:
     """``work``'s result, or RequestTimeout after ``deadline_s``.
+
+    The work's first step runs here, at once: a request that needs no I/O (a
+    member read served from memory, its key's principal cached) ends in it and
+    costs no task, no timer and no extra turn of the loop. Work that suspends
+    goes on in a task of its own, raced against the deadline. Until then it
+    runs as part of the caller's task (``asyncio.current_task()``), so a scope
+    bound to the current task (``asyncio.timeout``, a ``TaskGroup``) must not
+    be entered before the work's first wait: none is on the request paths
+    (asyncpg times its queries with protocol timers).
 
     On time-out the work is cancelled but not waited for: asyncpg returns a
     connection cut off mid-query to its pool only after a cancel request that
@@ -122,7 +146,12 @@ async def bounded(work: Awaitable[T], deadline_s: float | None) -> T:
     """
     if deadline_s is None:
         return await work
-    task = asyncio.ensure_future(work)
+    context = contextvars.copy_context()  # the task below runs the rest in the same context
+    try:
+        waiting_on = context.run(work.send, None)
+    except StopIteration as finished:
+        return finished.value
+    task = asyncio.get_running_loop().create_task(_Resumed(work, waiting_on), context=context)
     try:
         done, _ = await asyncio.wait({task}, timeout=deadline_s)
     except asyncio.CancelledError:
@@ -133,6 +162,44 @@ async def bounded(work: Awaitable[T], deadline_s: float | None) -> T:
         task.add_done_callback(_forget_result)
         raise RequestTimeout()
     return task.result()
+
+
+_STARTED = object()
+
+
+class _Resumed:
+    """A coroutine whose first step ran by hand, for a task to drive on from where it suspended.
+
+    The task's first step gets what the coroutine yielded (the future it waits on, or None for a
+    bare yield) and waits on it as it would have; every later step, and a cancellation (thrown into
+    the coroutine at its await), goes to the coroutine itself. It has ``send``, ``throw``, ``close``
+    and ``__await__``, so asyncio takes it as a coroutine.
+    """
+
+    __slots__ = ("_coroutine", "_waiting_on")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self._coroutine = coroutine
+        self._waiting_on = waiting_on
+
+    def send(self, value: Any) -> Any:
+        if self._waiting_on is not _STARTED:
+            waiting_on, self._waiting_on = self._waiting_on, _STARTED
+            return waiting_on
+        return self._coroutine.send(value)
+
+    def throw(self, *exception: Any) -> Any:
+        self._waiting_on = _STARTED
+        return self._coroutine.throw(*exception)
+
+    def close(self) -> None:
+        self._coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
 
 
 def _forget_result(task: asyncio.Task) -> None:
