@@ -182,6 +182,13 @@ def noop_process(log_dir: Path) -> Process:
     return Process([sys.executable, "-m", "bench.noop", str(port)], dict(os.environ), port, log_dir / f"noop-{port}.log")
 
 
+def lean_process(database_url: str, log_dir: Path, prefix: str, members: int) -> Process:
+    """``bench/lean.py`` on its own database, members ``prefix0`` .. enrolled before it answers /healthz."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.lean", str(port), database_url, prefix, str(members)]
+    return Process(argv, dict(os.environ), port, log_dir / f"lean-{port}.log")
+
+
 @contextlib.contextmanager
 def running(*processes: Process) -> Iterator[None]:
     try:

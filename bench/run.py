@@ -32,7 +32,7 @@ import msgspec
 import psutil
 
 from bench import env, filler, report
-from bench.env import ADMIN_KEY, Database, RssSampler, noop_process, service_process, wrk
+from bench.env import ADMIN_KEY, Database, RssSampler, lean_process, noop_process, service_process, wrk
 from bench.profile import render, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -230,29 +230,35 @@ async def beside_the_noop(db: Database, name: str):
 
 
 async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
-    """HTTP purchase ingest vs the no-op server; RSS; CPU per command; reads at a fixed rate; the answer check."""
+    """HTTP purchase ingest vs the no-op server and the lean purchase (bench/lean.py); RSS; CPU per command;
+    reads at a fixed rate; the answer check."""
     log_dir = RESULTS / "logs"
     async with beside_the_noop(db, "bench_ingest") as (url, noop, service):
         base = f"http://127.0.0.1:{service.port}"
-        say(f"ingest: enrolling {plan.members} members through /v1/batch")
-        enrol_s = await enrol(base, "m", plan.members)
-        cache_fill = await fill_member_cache(base) if plan.fill_cache else None
-        await wait_caught_up(url, 300)  # the projectors' backlog from the fill is not the rounds' work
-        purchase_load(noop.port, "m", plan.members, "warm", plan.warmup_s)
-        purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        meter = CpuMeter(service.pid, postmaster_pid(db))
-        rounds, cpu, events = [], [0.0, 0.0, 0.0], 0
-        with RssSampler(service.pid) as rss:
-            for number in range(plan.rounds):
-                say(f"ingest round {number + 1}/{plan.rounds}: the no-op baseline, then the service; "
-                    f"{CONNECTIONS} connections, {plan.duration_s:g} s each")
-                baseline = purchase_load(noop.port, "m", plan.members, f"base{number}", plan.duration_s)
-                head_before, cpu_before = await head_position(url), meter.read()
-                ours = purchase_load(service.port, "m", plan.members, f"run{number}", plan.duration_s)
-                cpu_after, head_after = meter.read(), await head_position(url)
-                cpu = [total + after - before for total, before, after in zip(cpu, cpu_before, cpu_after)]
-                events += head_after - head_before
-                rounds.append((baseline, ours))
+        say(f"ingest: enrolling {plan.members} members through /v1/batch, and in the lean purchase's own database")
+        lean = lean_process(await db.fresh("bench_lean"), log_dir, "m", plan.members)
+        with env.running(lean):  # stopped after the rounds: the two cores are the service's for the rest
+            enrol_s = await enrol(base, "m", plan.members)
+            cache_fill = await fill_member_cache(base) if plan.fill_cache else None
+            await wait_caught_up(url, 300)  # the projectors' backlog from the fill is not the rounds' work
+            for warmed in (noop, lean, service):
+                purchase_load(warmed.port, "m", plan.members, "warm", plan.warmup_s)
+            meter = CpuMeter(service.pid, postmaster_pid(db))
+            rounds, leans, cpu, events = [], [], [0.0, 0.0, 0.0], 0
+            with RssSampler(service.pid) as rss:
+                for number in range(plan.rounds):
+                    say(f"ingest round {number + 1}/{plan.rounds}: the no-op baseline, the lean purchase, then the "
+                        f"service; {CONNECTIONS} connections, {plan.duration_s:g} s each")
+                    baseline = purchase_load(noop.port, "m", plan.members, f"base{number}", plan.duration_s)
+                    leans.append(purchase_load(lean.port, "m", plan.members, f"lean{number}", plan.duration_s))
+                    head_before, cpu_before = await head_position(url), meter.read()
+                    ours = purchase_load(service.port, "m", plan.members, f"run{number}", plan.duration_s)
+                    cpu_after, head_after = meter.read(), await head_position(url)
+                    cpu = [total + after - before for total, before, after in zip(cpu, cpu_before, cpu_after)]
+                    events += head_after - head_before
+                    rounds.append((baseline, ours))
+        lean_ratios = [o.rps / lean_run.rps for (_b, o), lean_run in zip(rounds, leans)]
+        median_lean = sorted(zip(lean_ratios, leans), key=lambda pair: pair[0])[len(leans) // 2][1]
         ratios = [o.rps / b.rps for b, o in rounds]
         baseline, ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
         commands = sum(o.requests for _b, o in rounds)
@@ -262,6 +268,9 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
             "ours": ours.as_dict(),
             "rounds_rps": [(b.rps, o.rps) for b, o in rounds],
             "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
+            "lean": median_lean.as_dict(),
+            "lean_rounds_rps": [lean_run.rps for lean_run in leans],
+            "ratio_to_lean_median": round(sorted(lean_ratios)[len(lean_ratios) // 2], 3),
             "events": events,
             "events_per_s": round(events / seconds, 1),
             "enrol_members_per_s": round(plan.members / enrol_s, 1),
@@ -280,10 +289,10 @@ async def scenario_ingest(plan: Plan, db: Database, out: dict) -> None:
             out["profile"] = profile_service(service, plan)
         await wait_caught_up(url, 60)  # reads in steady state, not while the projector drains the burst above
         say(f"reads: balance at {plan.paced_rate} req/s for {plan.paced_s:g} s, the no-op GET then the service")
-        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua",
+        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "member_read_paced.lua",
                          ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
                          connections=16, duration_s=plan.paced_s)
-        paced = wrk(base, "balance_paced.lua", ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
+        paced = wrk(base, "member_read_paced.lua", ["m", str(plan.members), str(plan.paced_rate), "1", ADMIN_KEY],
                     connections=16, duration_s=plan.paced_s)
         out["reads"] = {"baseline": paced_base.as_dict(), "ours": paced.as_dict()}
         rate = max(50, int(ours.rps / 2))
@@ -879,45 +888,53 @@ READ_CONNECTIONS = 8  # as the issue measured: a handful of internal callers rea
 
 
 async def scenario_reads(plan: Plan, db: Database, out: dict) -> None:
-    """GET /balance of random (cached) members as fast as answered vs the no-op GET, alternating rounds;
-    then both paced at half the rate the service reached, for the p99."""
+    """GET /balance, /tier and the profile of random (cached) members as fast as answered vs the no-op GET,
+    alternating rounds; then each paced at half the rate the service reached, for the p99."""
     async with beside_the_noop(db, "bench_reads") as (url, noop, service):
         base = f"http://127.0.0.1:{service.port}"
         say(f"reads: enrolling {plan.members} members through /v1/batch")
         await enrol(base, "r", plan.members)
         await wait_caught_up(url, 300)
-        args = ["r", str(plan.members), ADMIN_KEY]
-        for port in (noop.port, service.port):  # warm: every member in the cache
-            wrk(f"http://127.0.0.1:{port}", "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.warmup_s)
-        rounds = []
-        for number in range(plan.rounds):
-            say(f"reads round {number + 1}/{plan.rounds}: balance GETs as fast as answered, "
-                f"{READ_CONNECTIONS} connections, {plan.duration_s:g} s, the no-op then the service")
-            baseline = wrk(f"http://127.0.0.1:{noop.port}", "balance.lua", args,
-                           connections=READ_CONNECTIONS, duration_s=plan.duration_s)
-            ours = wrk(base, "balance.lua", args, connections=READ_CONNECTIONS, duration_s=plan.duration_s)
-            rounds.append((baseline, ours))
-        # The same reads naming a position the process has applied (as a till passing its purchase's
-        # ``position`` does): served from memory without waiting for a catch-up.
-        named = wrk(base, "balance.lua", [*args, "min_position=1"], connections=READ_CONNECTIONS,
+        for read, key in report.MEMBER_READS.items():
+            out[key] = member_read(plan, f"http://127.0.0.1:{noop.port}", base, read)
+        out["reads_max"]["cache_after"] = await member_cache(base)
+
+
+def member_read(plan: Plan, noop: str, base: str, read: str) -> dict:
+    """One member read as fast as answered, without and with an applied ``min_position``, in rounds that
+    alternate with the no-op; then paced (without) at half the rate reached, beside the no-op at that rate."""
+    args = ["r", str(plan.members), ADMIN_KEY, read]
+    for url in (noop, base):  # warm: every member in the cache
+        wrk(url, "member_read.lua", args, connections=READ_CONNECTIONS, duration_s=plan.warmup_s)
+    rounds = []
+    for number in range(plan.rounds):
+        say(f"reads round {number + 1}/{plan.rounds}: {read} GETs as fast as answered, {READ_CONNECTIONS} "
+            f"connections, {plan.duration_s:g} s, the no-op, the service, the service with min_position")
+        baseline = wrk(noop, "member_read.lua", args, connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+        ours = wrk(base, "member_read.lua", args, connections=READ_CONNECTIONS, duration_s=plan.duration_s)
+        # Naming a position the process has applied (as a till passing its purchase's ``position``
+        # does): served from memory without waiting for a catch-up.
+        named = wrk(base, "member_read.lua", [*args, "min_position=1"], connections=READ_CONNECTIONS,
                     duration_s=plan.duration_s)
-        ratios = [o.rps / b.rps for b, o in rounds]
-        baseline, ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
-        rate = max(50, int(ours.rps / 2))
-        say(f"reads: balance paced at {rate} req/s (half the service's maximum), {plan.paced_s:g} s, no-op then service")
-        paced_args = ["r", str(plan.members), str(rate), "1", ADMIN_KEY]
-        paced_base = wrk(f"http://127.0.0.1:{noop.port}", "balance_paced.lua", paced_args,
-                         connections=16, duration_s=plan.paced_s)
-        paced = wrk(base, "balance_paced.lua", paced_args, connections=16, duration_s=plan.paced_s)
-        out["reads_max"] = {
-            "baseline": baseline.as_dict(),
-            "ours": ours.as_dict(),
-            "rounds_rps": [(b.rps, o.rps) for b, o in rounds],
-            "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
-            "with_min_position": named.as_dict(),
-            "paced": {"rate": rate, "baseline": paced_base.as_dict(), "ours": paced.as_dict()},
-            "cache_after": await member_cache(base),
-        }
+        rounds.append((baseline, ours, named))
+    ratios = [o.rps / b.rps for b, o, _n in rounds]
+    named_ratios = [n.rps / b.rps for b, _o, n in rounds]
+    baseline, ours, named = sorted(rounds, key=lambda measured: measured[1].rps / measured[0].rps)[len(rounds) // 2]
+    rate = max(50, int(ours.rps / 2))
+    say(f"reads: {read} paced at {rate} req/s (half the service's maximum), {plan.paced_s:g} s, no-op then service")
+    paced_args = ["r", str(plan.members), str(rate), "1", ADMIN_KEY, read]
+    paced_base = wrk(noop, "member_read_paced.lua", paced_args, connections=16, duration_s=plan.paced_s)
+    paced = wrk(base, "member_read_paced.lua", paced_args, connections=16, duration_s=plan.paced_s)
+    return {
+        "baseline": baseline.as_dict(),
+        "ours": ours.as_dict(),
+        "rounds_rps": [(b.rps, o.rps) for b, o, _n in rounds],
+        "ratio_median": round(sorted(ratios)[len(ratios) // 2], 3),
+        "with_min_position": named.as_dict(),
+        "with_min_position_rounds_rps": [(b.rps, n.rps) for b, _o, n in rounds],
+        "with_min_position_ratio_median": round(sorted(named_ratios)[len(named_ratios) // 2], 3),
+        "paced": {"rate": rate, "baseline": paced_base.as_dict(), "ours": paced.as_dict()},
+    }
 
 
 async def scenario_growth(plan: Plan, db: Database, out: dict) -> None:
