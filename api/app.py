@@ -7,7 +7,7 @@ from aiohttp import web
 from api.auth import KEYS, Handler, KeyRing, allow
 from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, ROUTE_TABLE, SETTINGS
 from api.decoding import BATCH_MAX_BYTES, DRY_RUN, query_bool
-from api.middleware import METRICS, Metrics, problems_and_metrics
+from api.middleware import FROM_MEMORY, METRICS, Metrics, problems_and_metrics
 from api.problems import HttpProblem
 from api.route import Route
 from api.routes import ROUTES
@@ -37,10 +37,14 @@ def create_app(
     if settings.nats_url is not None:
         app[PUBLICATION] = PublicationStatus(pool, clock, app[METRICS].registry)
     app[ROUTE_TABLE] = routes
+    from_memory = set()
     for route in routes:
         handler = _dry_runs(route)
         handler = handler if route.roles is None else allow(route.roles)(handler)
         app.router.add_route(route.method, route.path, handler)
+        if route.from_memory:
+            from_memory.add(handler)
+    app[FROM_MEMORY] = frozenset(from_memory)
     app.on_startup.append(_ensure_projection_tables)
     app.on_startup.append(_seed_admin_key)
     app.on_startup.append(_start_group_commit)

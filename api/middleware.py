@@ -20,6 +20,8 @@ from ledger.store import MAX_WAIT_MS, EventStore
 log = logging.getLogger("loyalty.service")
 
 METRICS = web.AppKey("metrics", "Metrics")
+# The registered handlers of the routes that may answer from memory (Route.from_memory).
+FROM_MEMORY = web.AppKey("from_memory", frozenset)
 
 # Every request answers within Settings.request_deadline_s (LOYALTY_REQUEST_DEADLINE_S,
 # default 10), whatever the database does; a long poll gets its wait on top.
@@ -90,7 +92,8 @@ async def problems_and_metrics(request: web.Request, handler):
     metrics: Metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
-        response = await bounded(handler(request), request_deadline_s(request))
+        in_place = request.match_info.handler in request.app[FROM_MEMORY]
+        response = await bounded(handler(request), request_deadline_s(request), in_place)
     except HttpProblem as failure:
         response = problem_response(failure.status, failure.code, failure.detail, failure.headers, **failure.extra)
     except web.HTTPException as http:
@@ -126,17 +129,19 @@ def request_deadline_s(request: web.Request) -> float | None:
     return deadline_s
 
 
-async def bounded(work: Coroutine[Any, Any, T], deadline_s: float | None) -> T:
+async def bounded(work: Coroutine[Any, Any, T], deadline_s: float | None, first_step_in_place: bool = False) -> T:
     """``work``'s result, or RequestTimeout after ``deadline_s``.
 
-    The work's first step runs here, at once: a request that needs no I/O (a
-    member read served from memory, its key's principal cached) ends in it and
-    costs no task, no timer and no extra turn of the loop. Work that suspends
-    goes on in a task of its own, raced against the deadline. Until then it
-    runs as part of the caller's task (``asyncio.current_task()``), so a scope
-    bound to the current task (``asyncio.timeout``, a ``TaskGroup``) must not
-    be entered before the work's first wait: none is on the request paths
-    (asyncpg times its queries with protocol timers).
+    The work runs in a task of its own, raced against the deadline. With
+    ``first_step_in_place`` its first step runs here, at once, and only work
+    that suspends goes on in a task: a member read served from memory (its
+    key's principal cached) ends in that step and costs no task, no timer and
+    no extra turn of the loop. That step runs as part of the caller's task
+    (``asyncio.current_task()``), so it must not enter a scope bound to the
+    current task (``asyncio.timeout``, a ``TaskGroup``, asyncpg's
+    ``pool.acquire(timeout=...)`` on Python 3.11): on expiry it would cancel
+    the request instead of the work. Hence only for the routes that ask for it
+    (``Route.from_memory``), whose paths have none.
 
     On time-out the work is cancelled but not waited for: asyncpg returns a
     connection cut off mid-query to its pool only after a cancel request that
@@ -146,12 +151,15 @@ async def bounded(work: Coroutine[Any, Any, T], deadline_s: float | None) -> T:
     """
     if deadline_s is None:
         return await work
-    context = contextvars.copy_context()  # the task below runs the rest in the same context
-    try:
-        waiting_on = context.run(work.send, None)
-    except StopIteration as finished:
-        return finished.value
-    task = asyncio.get_running_loop().create_task(_Resumed(work, waiting_on), context=context)
+    if first_step_in_place:
+        context = contextvars.copy_context()  # the task below runs the rest in the same context
+        try:
+            waiting_on = context.run(work.send, None)
+        except StopIteration as finished:
+            return finished.value
+        task = asyncio.get_running_loop().create_task(_Resumed(work, waiting_on), context=context)
+    else:
+        task = asyncio.ensure_future(work)
     try:
         done, _ = await asyncio.wait({task}, timeout=deadline_s)
     except asyncio.CancelledError:

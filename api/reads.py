@@ -167,14 +167,14 @@ _IDENTITY_PATH = {
 
 ROUTES = [
     Route("GET", "/v1/members/{member_id}", get_member, MEMBER_READER, "Member profile, status, tier, balance",
-          query=("min_position",), answer=MemberProfile, operation_id="get_member"),
+          query=("min_position",), answer=MemberProfile, operation_id="get_member", from_memory=True),
     Route("GET", "/v1/members/{member_id}/balance", get_balance, READER, "Balance as of a time",
           query=("as_of", "min_position"),
-          answer=Balance, operation_id="get_balance"),
+          answer=Balance, operation_id="get_balance", from_memory=True),
     Route("GET", "/v1/members/{member_id}/tier", get_tier, READER, "Tier as of a time", query=("as_of", "min_position"),
-          answer=TierView, operation_id="get_tier"),
+          answer=TierView, operation_id="get_tier", from_memory=True),
     Route("GET", "/v1/members/{member_id}/coupons", get_coupons, READER, "Coupon wallet", query=("status", "min_position"),
-          answer=CouponWallet, operation_id="get_coupons"),
+          answer=CouponWallet, operation_id="get_coupons", from_memory=True),
     Route("GET", "/v1/members/{member_id}/events", get_member_events, AUDITOR, "The member's stream",
           query=("after", "limit"), answer=EventsPage, operation_id="get_member_events"),
     Route("GET", "/v1/identities/{type}/{value}", get_identity, CHECKOUT | READER, "Find a member by identity",

@@ -35,3 +35,6 @@ class Route:
     operation_id: str | None = None
     # It appends and takes ?dry_run=true (CONTRACT §6.5): its handler reads request[DRY_RUN].
     dry_run: bool = False
+    # It may answer from memory (a member read): its first step runs in the request's own task, with no
+    # task of its own unless it waits (api.middleware.bounded, which says what that step must not do).
+    from_memory: bool = False
