@@ -517,8 +517,9 @@ class EventStore:
         return {row["stream_id"]: row["version"] for row in rows}
 
     async def _campaign_spend(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, Spend]:
-        """What the campaigns the batch grants from have spent, read under the head lock."""
-        campaign_ids = list({grant.campaign_id for append in appends for grant in append.grants})
+        """What the campaigns with a budget the batch grants from have spent, read under the head lock
+        (a grant of a campaign without one holds whatever was spent: no round trip for it)."""
+        campaign_ids = list({grant.campaign_id for append in appends for grant in append.grants if grant.budgeted})
         if not campaign_ids:
             return {}
         return await self.read_campaign_spend(conn, campaign_ids)
