@@ -188,8 +188,21 @@ def figures(out: dict) -> list[dict]:
             _fmt(campaigns["ours"]["rps"], "req/s"),
             f"the same service without campaigns: {_fmt(campaigns['none']['rps'], 'req/s')}",
             round(ratio, 3), "≥ 0.85", ratio >= 0.85,
-            "each rewarded purchase appends 10 more points_earned events (12 instead of 2)",
+            f"each rewarded purchase appends {campaigns['matching']} more points_earned events "
+            f"({campaigns['matching'] + 2} instead of 2): "
+            f"{_fmt(campaigns['ours']['rps'] * (campaigns['matching'] + 2), 'events/s')} against "
+            f"{_fmt(campaigns['none']['rps'] * 2, 'events/s')}",
         ))
+        unmatched = campaigns.get("unmatched")
+        if unmatched:
+            ratio = unmatched["ratio_median"]
+            rows.append(_row(
+                f"the same with {campaigns['campaigns']} running campaigns that match no purchase (judging them "
+                f"alone)" + _rounds(unmatched),
+                _fmt(unmatched["ours"]["rps"], "req/s"),
+                f"the same service without campaigns: {_fmt(unmatched['baseline']['rps'], 'req/s')}",
+                round(ratio, 3), "—", None,
+            ))
     simulation = out.get("simulation")
     if simulation:
         ratio = simulation["ratio_median"]

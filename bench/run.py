@@ -484,15 +484,17 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
         empty.stop()
 
 
-CAMPAIGNS = 20  # half of them match every purchase (a 1-point bonus), half match none (another store)
+CAMPAIGNS = 20  # running in the campaigns scenario
 
 
-async def create_campaigns(base: str) -> None:
+async def create_campaigns(base: str, matching: int) -> None:
+    """``CAMPAIGNS`` running campaigns: ``matching`` of them grant every purchase a 1-point bonus, the rest
+    none (another store's)."""
     now = datetime.now(timezone.utc)
     window = {"starts_at": now.isoformat(), "ends_at": (now + timedelta(days=30)).isoformat()}
     async with aiohttp.ClientSession(headers=AUTH) as session:
         for n in range(CAMPAIGNS):
-            conditions = {} if n % 2 == 0 else {"store_ids": ["s-none"]}
+            conditions = {} if n < matching else {"store_ids": ["s-none"]}
             body = {"campaign_id": f"bench-{n:02d}", "name": f"bench {n}", **window, "conditions": conditions,
                     "reward": {"kind": "bonus", "points": 1}}
             async with session.post(f"{base}/v1/campaigns", json=body) as answer:
@@ -501,21 +503,29 @@ async def create_campaigns(base: str) -> None:
 
 async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
     """The same ingest with 20 running campaigns (10 granting a reward to every purchase, 10 to none), against
-    the same service without campaigns, rounds alternating."""
+    the same service without campaigns, rounds alternating; then 20 matching none against none, which
+    parts what judging campaigns costs from what the reward events cost."""
     log_dir = RESULTS / "logs"
-    with_url, without_url = await db.fresh("bench_campaigns"), await db.fresh("bench_no_campaigns")
-    with_, without = service_process(with_url, log_dir).start(), service_process(without_url, log_dir).start()
+    services = {}
     try:
-        await create_campaigns(f"http://127.0.0.1:{with_.port}")
-        for service in (with_, without):
+        for name, matching in (("none", None), ("half", CAMPAIGNS // 2), ("unmatched", 0)):
+            url = await db.fresh(f"bench_campaigns_{name}")
+            service = services[name] = service_process(url, log_dir).start()
+            if matching is not None:
+                await create_campaigns(f"http://127.0.0.1:{service.port}", matching)
             await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
             purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", without, with_)
+        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", services["none"],
+                                      services["half"])
         none = measured.pop("baseline")
-        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none}
+        unmatched = alternating_rounds(plan, "campaigns unmatched",
+                                       f"no campaigns, then {CAMPAIGNS} running that match no purchase",
+                                       services["none"], services["unmatched"])
+        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none,
+                            "unmatched": unmatched}
     finally:
-        with_.stop()
-        without.stop()
+        for service in services.values():
+            service.stop()
 
 
 SIMULATED_TYPES = ("purchase_recorded", "points_earned", "coupon_issued")  # ledger.simulation reads these
