@@ -353,6 +353,7 @@ class AckWindow:
 
     async def _wait(self) -> None:
         self._check()
+        assert self.in_flight, "waiting for an ack no message in flight asked for"
         self.changed.clear()
         oldest_sent_at = self.in_flight[0][3]
         remaining_s = oldest_sent_at + self.config.ack_timeout_s - time.monotonic()
