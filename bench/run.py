@@ -805,15 +805,23 @@ async def scenario_publish(plan: Plan, db: Database, out: dict) -> None:
     raw = await raw_read(url)
     nats_server = await NatsServer().start()
     try:
-        backlog = await publish_backlog(url, nats_server.url)
+        backlog = await publish_backlog(url, nats_server.url, nats_server.process.pid)
         lag = await publish_lag(plan, db, nats_server.url, out)
     finally:
         nats_server.close()
     out["publish"] = {"backlog": backlog, "raw_read": raw, "lag": lag}
 
 
-async def publish_backlog(url: str, nats_url: str) -> dict:
-    """Seconds from starting `loyalty publish` until the stream holds the whole log (process start included)."""
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def publish_backlog(url: str, nats_url: str, nats_pid: int) -> dict:
+    """Seconds from starting `loyalty publish` until the stream holds the whole log (process start included).
+
+    Also the CPU the worker (its start included) and nats-server spent meanwhile: per event, those
+    hardly move with the load of the machine's other tenants, when the rate does."""
     import nats as nats_client
 
     head = await head_position(url)
@@ -823,7 +831,9 @@ async def publish_backlog(url: str, nats_url: str) -> dict:
     nc = await nats_client.connect(nats_url)
     js = nc.jetstream()
     published, first_message = 0, None
+    nats_server = psutil.Process(nats_pid)
     try:
+        nats_cpu_before_s = cpu_s(nats_server)
         started = time.perf_counter()
         worker.start(None)
         deadline = time.monotonic() + 1800
@@ -836,13 +846,17 @@ async def publish_backlog(url: str, nats_url: str) -> dict:
             if published and first_message is None:
                 first_message = time.perf_counter()
         seconds = time.perf_counter() - started
+        worker_cpu_s, nats_cpu_s = cpu_s(psutil.Process(worker.pid)), cpu_s(nats_server) - nats_cpu_before_s
         await js.delete_stream("LOYALTY")  # the lag run's database is another log
     finally:
         worker.stop()
         await nc.close()
     return {"events": head, "published": published, "seconds": round(seconds, 2),
             "events_per_s": round(published / seconds, 1),
-            "seconds_from_first_message": round(seconds - (first_message - started), 2) if first_message else None}
+            "seconds_from_first_message": round(seconds - (first_message - started), 2) if first_message else None,
+            "worker_cpu_us_per_event": round(1e6 * worker_cpu_s / max(published, 1), 1),
+            "nats_cpu_us_per_event": round(1e6 * nats_cpu_s / max(published, 1), 1),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 async def publish_lag(plan: Plan, db: Database, nats_url: str, out: dict) -> dict:
