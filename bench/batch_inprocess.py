@@ -21,6 +21,7 @@ import random
 import time
 
 import msgspec
+import psutil
 from aiohttp import web
 
 from api.app import create_app
@@ -50,6 +51,16 @@ class CollectorClock:
             self._started = time.thread_time()
         else:
             self.seconds += time.thread_time() - self._started
+
+
+async def database_backends(pool) -> list[psutil.Process]:
+    """The server processes of the pool's connections (the server runs on this machine)."""
+    pids = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return [psutil.Process(row["pid"]) for row in pids]
+
+
+def cpu_s_of(processes: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
 def request_bodies(lines_total: int) -> list[bytes]:
@@ -91,15 +102,18 @@ async def measure(url: str, lines_total: int, profile_path: str | None) -> None:
 
         if profiler:
             profiler.enable()
-        wall_started, cpu_started = time.perf_counter(), time.process_time()
+        backends = await database_backends(pool)
+        wall_started, cpu_started, database_cpu_started = time.perf_counter(), time.process_time(), cpu_s_of(backends)
         await asyncio.gather(*(sender() for _ in range(REQUESTS_IN_FLIGHT)))
         wall_s, cpu_s = time.perf_counter() - wall_started, time.process_time() - cpu_started
+        database_cpu_s = cpu_s_of(backends) - database_cpu_started
         if profiler:
             profiler.disable()
             profiler.dump_stats(profile_path)
         gc.callbacks.remove(collector)
         print(f"{lines_total} lines in {wall_s:.2f} s ({lines_total / wall_s:,.0f} lines/s); "
-              f"CPU {1e6 * cpu_s / lines_total:.0f} us a line, of which the collector {1e6 * collector.seconds / lines_total:.0f}")
+              f"CPU {1e6 * cpu_s / lines_total:.0f} us a line, of which the collector {1e6 * collector.seconds / lines_total:.0f};"
+              f" PostgreSQL (this pool's backends) {1e6 * database_cpu_s / lines_total:.0f} us a line")
     finally:
         await runner.cleanup()
         await pool.close()
