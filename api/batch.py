@@ -40,6 +40,9 @@ class BatchResult(msgspec.Struct):
     body: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})]
 
 
+_results_encoder = msgspec.json.Encoder()
+
+
 async def batch(request: web.Request) -> web.StreamResponse:
     """NDJSON in, one result line per input line, in order; each line its own command."""
     body = await read_body(request, BATCH_MAX_BYTES, NDJSON)
@@ -54,8 +57,9 @@ async def answer_batch(app: web.Application, principal: Principal, body: bytes) 
         raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
     parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
     results = await run_batch_lines(app, principal, parsed)
-    return b"".join(encode_json(BatchResult(n, status, msgspec.Raw(out))) + b"\n"
-                    for n, (status, out) in enumerate(results, start=1))
+    # One encoder call for the whole answer: each line's body is already JSON (msgspec.Raw).
+    return _results_encoder.encode_lines([BatchResult(n, status, msgspec.Raw(out))
+                                          for n, (status, out) in enumerate(results, start=1)])
 
 
 async def run_batch_lines(
