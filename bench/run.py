@@ -20,12 +20,14 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import msgspec
@@ -70,7 +72,7 @@ def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
     if quick:
         return Plan(name or "quick", True, members=1000, duration_s=4, warmup_s=1,
                     stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 60_000)),
-                    import_lines=6_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
+                    import_lines=int(os.environ.get("BENCH_IMPORT_LINES", 6_000)), heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
                     es_seconds=3, check_members=100, profile=profile, rounds=1,
                     simulated_purchases=int(os.environ.get("BENCH_SIMULATION_PURCHASES", 20_000)))
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3,
@@ -379,12 +381,18 @@ def percentiles_ms(lags_ms: list[float]) -> dict:
     return {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
 
 
+def start_py_spy(service: env.Process, raw: Path, seconds: float | None = None) -> subprocess.Popen:
+    """py-spy recording the service into ``raw`` (its raw format) for ``seconds``, or until sent SIGINT."""
+    duration = ["--duration", f"{seconds:g}"] if seconds is not None else []
+    return subprocess.Popen([py_spy(), "record", "--pid", str(service.pid), *duration,
+                             "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def profile_service(service: env.Process, plan: Plan) -> dict:
     raw = RESULTS / f"profile-{plan.name}.raw"
     seconds = max(5.0, plan.duration_s / 2)
-    spy = subprocess.Popen([py_spy(), "record", "--pid", str(service.pid), "--duration", f"{seconds:g}",
-                            "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = start_py_spy(service, raw, seconds)
     try:
         load = purchase_load(service.port, "m", plan.members, "prof", seconds + 1)
     finally:
@@ -707,14 +715,40 @@ async def scenario_heavy(plan: Plan, db: Database, out: dict) -> None:
 
 
 async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
-    """/v1/batch purchases vs COPY and multi-row INSERT of the very rows it appended."""
-    log_dir = RESULTS / "logs"
-    url = await db.fresh("bench_import")
-    service = service_process(url, log_dir).start()
+    """/v1/batch purchases vs COPY and multi-row INSERT of the very rows it appended; then the same lines
+    on a service with LOYALTY_PROJECTORS=off (the write path alone, as the COPY baseline is the rows alone)."""
+    run = await batch_import(plan, db, "bench_import", {}, profile=plan.profile)
+    say("import: COPY and multi-row INSERT of the same rows into an equivalent table")
+    raw = await filler.copy_baseline(run.url, run.head_before)
+    out["import"] = {
+        "lines": plan.import_lines, "events": run.events, "seconds": round(run.seconds, 2),
+        "events_per_s": round(run.events / run.seconds, 1), "commands_per_s": round(plan.import_lines / run.seconds, 1),
+        "enrol_events_per_s": round(run.head_before / run.enrol_s, 1), "raw": raw,
+        "loyalty_import": await loyalty_import(run.url, db) if has_command("import") else None,
+    }
+    alone = await batch_import(plan, db, "bench_import_alone", {"LOYALTY_PROJECTORS": "off"})
+    out["import"]["write_path_alone"] = {"events": alone.events, "seconds": round(alone.seconds, 2),
+                                         "events_per_s": round(alone.events / alone.seconds, 1)}
+
+
+class BatchRun(NamedTuple):
+    url: str
+    head_before: int  # after the enrolments
+    events: int  # appended by the purchases
+    seconds: float  # the purchases'
+    enrol_s: float
+
+
+async def batch_import(plan: Plan, db: Database, name: str, extra_env: dict[str, str], profile: bool = False) -> BatchRun:
+    """Members enrolled, then ``plan.import_lines`` purchases through /v1/batch, on a fresh database; with
+    ``profile``, py-spy records the service during the purchases (``results/profile-<name>-import.txt``)."""
+    url = await db.fresh(name)
+    service = service_process(url, RESULTS / "logs", extra_env).start()
     members = max(1000, plan.import_lines // 10)
     try:
         base = f"http://127.0.0.1:{service.port}"
-        say(f"import: enrolling {members} members, then {plan.import_lines:,} purchases through /v1/batch")
+        say(f"import: enrolling {members} members, then {plan.import_lines:,} purchases through /v1/batch"
+            + "".join(f", {k}={v}" for k, v in extra_env.items()))
         enrol_s = await enrol(base, "m", members)
         rng = random.Random(7)
         lines = [{"op": "purchase", "member_id": f"m{rng.randrange(members)}",
@@ -722,6 +756,7 @@ async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
                  for n in range(plan.import_lines)]
         chunks = [lines[i:i + BATCH_LINES_PER_REQUEST] for i in range(0, len(lines), BATCH_LINES_PER_REQUEST)]
         head_before = await head_position(url)
+        spy = start_py_spy(service, raw_profile := RESULTS / f"profile-{plan.name}-import.raw") if profile else None
         started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
             queue = list(chunks)
@@ -734,18 +769,17 @@ async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
 
             await asyncio.gather(sender(), sender())  # two requests in flight
         seconds = time.perf_counter() - started
-        head_after = await head_position(url)
+        events = await head_position(url) - head_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has recorded and exits
+            spy.wait(timeout=60)
+            if raw_profile.exists():
+                (RESULTS / f"profile-{plan.name}-import.txt").write_text(
+                    render(summarize(raw_profile.read_text(), 30), 30) + "\n")
+                raw_profile.unlink()
     finally:
         service.stop()
-    say("import: COPY and multi-row INSERT of the same rows into an equivalent table")
-    raw = await filler.copy_baseline(url, head_before)
-    events = head_after - head_before
-    out["import"] = {
-        "lines": plan.import_lines, "events": events, "seconds": round(seconds, 2),
-        "events_per_s": round(events / seconds, 1), "commands_per_s": round(plan.import_lines / seconds, 1),
-        "enrol_events_per_s": round(head_before / enrol_s, 1), "raw": raw,
-        "loyalty_import": await loyalty_import(url, db) if has_command("import") else None,
-    }
+    return BatchRun(url, head_before, events, seconds, enrol_s)
 
 
 def has_command(name: str) -> bool:
