@@ -18,8 +18,11 @@ import msgspec
 from api.auth import Role
 from events.envelope import Envelope
 from ledger.answers import CouponView
+from ledger.campaigns import Conditions, Period, Reward
 from ledger.commands import Timestamp
+from ledger.programme import ProgrammeSettings
 from ledger.views import LIFECYCLES
+from projections.campaigns import STATUSES
 from projections.liability import FIGURES
 from projections.points import KINDS
 from projections.runtime import PROJECTIONS
@@ -137,6 +140,59 @@ class JobReport(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
     failed: int  # members whose job command failed; the job went on past them
     failures: list[JobFailure]  # the first 20 of them
     dry_run: bool = False  # CONTRACT §6.5: true on a dry run only
+
+
+class ProgrammeVersionView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A programme version as ``GET /v1/programme`` shows it (CONTRACT §6.1)."""
+
+    version: int
+    effective_from: Timestamp | None  # null: in force for all time before the next version
+    settings: ProgrammeSettings
+
+
+class ProgrammeChanged(ProgrammeVersionView, kw_only=True, forbid_unknown_fields=True):
+    position: int
+
+
+class ProgrammeVersionEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    version: int
+    effective_from: Timestamp | None
+    recorded_at: Timestamp | None
+    actor: str | None  # the key's name that appended it; null for a version seeded at start
+
+
+class ProgrammeVersions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    versions: list[ProgrammeVersionEntry]
+
+
+class CampaignView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A campaign with its live counters, as ``GET /v1/campaigns/{id}`` shows it (CONTRACT §6.2)."""
+
+    campaign_id: str
+    name: str
+    starts_at: Timestamp
+    ends_at: Timestamp
+    ended_at: Timestamp | None
+    conditions: Conditions
+    reward: Reward
+    budget_points: int | None
+    budget_coupons: int | None
+    per_member_limit: int | None
+    per_member_period: Period
+    status: Literal[STATUSES]  # type: ignore[valid-type]  (at the time of the read)
+    awarded_points: int
+    awarded_coupons: int
+    members_rewarded: int
+
+
+class CampaignChanged(CampaignView, kw_only=True, forbid_unknown_fields=True):
+    position: int | None  # null on a dry run
+    dry_run: bool = False  # CONTRACT §6.5: true on a dry run only
+
+
+class CampaignPage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    campaigns: list[CampaignView]
+    next_after: str | None  # a campaign id; null on the last page
 
 
 class CreatedKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

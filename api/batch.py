@@ -40,17 +40,26 @@ class BatchResult(msgspec.Struct):
     body: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})]
 
 
+_results_encoder = msgspec.json.Encoder()
+
+
 async def batch(request: web.Request) -> web.StreamResponse:
     """NDJSON in, one result line per input line, in order; each line its own command."""
     body = await read_body(request, BATCH_MAX_BYTES, NDJSON)
+    payload = await answer_batch(request.app, request[PRINCIPAL], body)
+    return web.Response(status=200, body=payload, content_type=NDJSON)
+
+
+async def answer_batch(app: web.Application, principal: Principal, body: bytes) -> bytes:
+    """The NDJSON answer to a batch's NDJSON body (the handler without HTTP: ``bench/batch_inprocess.py`` times it)."""
     lines = [line for line in body.split(b"\n") if line.strip()]
     if len(lines) > BATCH_MAX_LINES:
         raise HttpProblem(413, "batch_too_large", f"{len(lines)} lines; at most {BATCH_MAX_LINES}")
     parsed = [parse_batch_line(n, line) for n, line in enumerate(lines, start=1)]
-    results = await run_batch_lines(request.app, request[PRINCIPAL], parsed)
-    payload = b"".join(encode_json(BatchResult(n, status, msgspec.Raw(out))) + b"\n"
-                       for n, (status, out) in enumerate(results, start=1))
-    return web.Response(status=200, body=payload, content_type=NDJSON)
+    results = await run_batch_lines(app, principal, parsed)
+    # One encoder call for the whole answer: each line's body is already JSON (msgspec.Raw).
+    return _results_encoder.encode_lines([BatchResult(n, status, msgspec.Raw(out))
+                                          for n, (status, out) in enumerate(results, start=1)])
 
 
 async def run_batch_lines(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 from aiohttp import web
 
+from api import answers
 from api.auth import ADMIN, PRINCIPAL, READER
 from api.context import LEDGER
 from api.decoding import DRY_RUN, PAGE_LIMIT_MAX, decode, idempotency_key, query_int, read_body
@@ -53,7 +55,7 @@ async def get_campaign(request: web.Request) -> web.StreamResponse:
         found = await campaigns.campaign(conn, campaign_id, service.clock())
     if found is None:
         raise HttpProblem(404, "campaign_not_found", f"campaign {campaign_id} does not exist; check the id")
-    return json_response(found)
+    return json_response(msgspec.convert(found, answers.CampaignView))
 
 
 async def list_campaigns(request: web.Request) -> web.StreamResponse:
@@ -69,20 +71,24 @@ async def list_campaigns(request: web.Request) -> web.StreamResponse:
         listed = await campaigns.campaign_page(conn, after or "", limit + 1, service.clock(), status)
     more = len(listed) > limit
     listed = listed[:limit]
-    return json_response({"campaigns": listed, "next_after": listed[-1]["campaign_id"] if more else None})
+    return json_response(answers.CampaignPage(
+        campaigns=msgspec.convert(listed, list[answers.CampaignView]),
+        next_after=listed[-1]["campaign_id"] if more else None,
+    ))
 
 
 _ID_SCHEMA = {"type": "string", "pattern": CAMPAIGN_ID_PATTERN}
 
 ROUTES = [
     Route("POST", "/v1/campaigns", post_campaign, ADMIN, "Create a campaign", status=201, body=cmd.CreateCampaign,
+          answer=answers.CampaignChanged,
           headers=("Idempotency-Key",), errors=(400, 401, 403, 408, 409, 413, 415, 422, 429, 503), dry_run=True),
     Route("POST", "/v1/campaigns/{campaign_id}/end", end_campaign, ADMIN, "End a campaign now", status=201,
-          body=cmd.EndCampaign, headers=("Idempotency-Key",), parameter_schemas={"campaign_id": _ID_SCHEMA},
+          body=cmd.EndCampaign, answer=answers.CampaignChanged, headers=("Idempotency-Key",), parameter_schemas={"campaign_id": _ID_SCHEMA},
           errors=(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503), dry_run=True),
     Route("GET", "/v1/campaigns", list_campaigns, READER, "Campaigns in campaign_id order, with their counters",
-          query=("status", "after", "limit", "min_position"),
+          answer=answers.CampaignPage, query=("status", "after", "limit", "min_position"),
           parameter_schemas={"status": {"type": "string", "enum": list(campaigns.STATUSES)}, "after": _ID_SCHEMA}),
     Route("GET", "/v1/campaigns/{campaign_id}", get_campaign, READER, "A campaign with its live counters",
-          query=("min_position",), parameter_schemas={"campaign_id": _ID_SCHEMA}),
+          answer=answers.CampaignView, query=("min_position",), parameter_schemas={"campaign_id": _ID_SCHEMA}),
 ]

@@ -7,8 +7,10 @@ answering, so a read always includes every version committed before it
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
+from api import answers
 from api.auth import ADMIN, PRINCIPAL, READER
 from api.context import LEDGER
 from api.decoding import POSITION_MAX, decode, idempotency_key, query_int, query_time, read_body
@@ -35,26 +37,26 @@ async def _read_versions(request: web.Request):
 async def get_programme(request: web.Request) -> web.StreamResponse:
     ledger = await _read_versions(request)
     at = query_time(request, "as_of", ledger.clock())
-    return json_response(ledger.rules.programmes.version_at(at).view())
+    return json_response(msgspec.convert(ledger.rules.programmes.version_at(at).view(), answers.ProgrammeVersionView))
 
 
 async def get_versions(request: web.Request) -> web.StreamResponse:
     ledger = await _read_versions(request)
-    return json_response({
-        "versions": [
-            {"version": v.version, "effective_from": v.effective_from, "recorded_at": v.recorded_at, "actor": v.actor}
-            for v in ledger.rules.programmes.versions
-        ]
-    })
+    return json_response(answers.ProgrammeVersions(versions=[
+        answers.ProgrammeVersionEntry(
+            version=v.version, effective_from=v.effective_from, recorded_at=v.recorded_at, actor=v.actor
+        )
+        for v in ledger.rules.programmes.versions
+    ]))
 
 
 ROUTES = [
     Route("PUT", "/v1/programme", put_programme, ADMIN,
           "Add a programme version: the settings named replace the latest version's, from effective_from",
-          status=201, body=cmd.ChangeProgramme, headers=("Idempotency-Key",),
+          status=201, body=cmd.ChangeProgramme, answer=answers.ProgrammeChanged, headers=("Idempotency-Key",),
           errors=(400, 401, 403, 408, 413, 415, 422, 429, 503)),
     Route("GET", "/v1/programme", get_programme, READER, "The programme version in force at as_of",
-          query=("as_of", "min_position")),
+          answer=answers.ProgrammeVersionView, query=("as_of", "min_position")),
     Route("GET", "/v1/programme/versions", get_versions, READER, "Every programme version, in log order",
-          query=("min_position",)),
+          answer=answers.ProgrammeVersions, query=("min_position",)),
 ]

@@ -20,12 +20,14 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import msgspec
@@ -70,7 +72,7 @@ def plan_for(quick: bool, name: str | None, profile: bool) -> Plan:
     if quick:
         return Plan(name or "quick", True, members=1000, duration_s=4, warmup_s=1,
                     stored_events=int(os.environ.get("BENCH_STORED_EVENTS", 60_000)),
-                    import_lines=6_000, heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
+                    import_lines=int(os.environ.get("BENCH_IMPORT_LINES", 6_000)), heavy_members=6, light_members=300, paced_s=3, paced_rate=1000,
                     es_seconds=3, check_members=100, profile=profile, rounds=1,
                     simulated_purchases=int(os.environ.get("BENCH_SIMULATION_PURCHASES", 20_000)))
     return Plan(name or "full", False, members=20_000, duration_s=20, warmup_s=3,
@@ -388,12 +390,18 @@ def percentiles_ms(lags_ms: list[float]) -> dict:
     return {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
 
 
+def start_py_spy(service: env.Process, raw: Path, seconds: float | None = None) -> subprocess.Popen:
+    """py-spy recording the service into ``raw`` (its raw format) for ``seconds``, or until sent SIGINT."""
+    duration = ["--duration", f"{seconds:g}"] if seconds is not None else []
+    return subprocess.Popen([py_spy(), "record", "--pid", str(service.pid), *duration,
+                             "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def profile_service(service: env.Process, plan: Plan) -> dict:
     raw = RESULTS / f"profile-{plan.name}.raw"
     seconds = max(5.0, plan.duration_s / 2)
-    spy = subprocess.Popen([py_spy(), "record", "--pid", str(service.pid), "--duration", f"{seconds:g}",
-                            "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = start_py_spy(service, raw, seconds)
     try:
         load = purchase_load(service.port, "m", plan.members, "prof", seconds + 1)
     finally:
@@ -493,15 +501,17 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
         empty.stop()
 
 
-CAMPAIGNS = 20  # half of them match every purchase (a 1-point bonus), half match none (another store)
+CAMPAIGNS = 20  # running in the campaigns scenario
 
 
-async def create_campaigns(base: str) -> None:
+async def create_campaigns(base: str, matching: int) -> None:
+    """``CAMPAIGNS`` running campaigns: ``matching`` of them grant every purchase a 1-point bonus, the rest
+    none (another store's)."""
     now = datetime.now(timezone.utc)
     window = {"starts_at": now.isoformat(), "ends_at": (now + timedelta(days=30)).isoformat()}
     async with aiohttp.ClientSession(headers=AUTH) as session:
         for n in range(CAMPAIGNS):
-            conditions = {} if n % 2 == 0 else {"store_ids": ["s-none"]}
+            conditions = {} if n < matching else {"store_ids": ["s-none"]}
             body = {"campaign_id": f"bench-{n:02d}", "name": f"bench {n}", **window, "conditions": conditions,
                     "reward": {"kind": "bonus", "points": 1}}
             async with session.post(f"{base}/v1/campaigns", json=body) as answer:
@@ -510,21 +520,29 @@ async def create_campaigns(base: str) -> None:
 
 async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
     """The same ingest with 20 running campaigns (10 granting a reward to every purchase, 10 to none), against
-    the same service without campaigns, rounds alternating."""
+    the same service without campaigns, rounds alternating; then 20 matching none against none, which
+    parts what judging campaigns costs from what the reward events cost."""
     log_dir = RESULTS / "logs"
-    with_url, without_url = await db.fresh("bench_campaigns"), await db.fresh("bench_no_campaigns")
-    with_, without = service_process(with_url, log_dir).start(), service_process(without_url, log_dir).start()
+    services = {}
     try:
-        await create_campaigns(f"http://127.0.0.1:{with_.port}")
-        for service in (with_, without):
+        for name, matching in (("none", None), ("half", CAMPAIGNS // 2), ("unmatched", 0)):
+            url = await db.fresh(f"bench_campaigns_{name}")
+            service = services[name] = service_process(url, log_dir).start()
+            if matching is not None:
+                await create_campaigns(f"http://127.0.0.1:{service.port}", matching)
             await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
             purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", without, with_)
+        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", services["none"],
+                                      services["half"])
         none = measured.pop("baseline")
-        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none}
+        unmatched = alternating_rounds(plan, "campaigns unmatched",
+                                       f"no campaigns, then {CAMPAIGNS} running that match no purchase",
+                                       services["none"], services["unmatched"])
+        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none,
+                            "unmatched": unmatched}
     finally:
-        with_.stop()
-        without.stop()
+        for service in services.values():
+            service.stop()
 
 
 SIMULATED_TYPES = ("purchase_recorded", "points_earned", "coupon_issued")  # ledger.simulation reads these
@@ -706,14 +724,40 @@ async def scenario_heavy(plan: Plan, db: Database, out: dict) -> None:
 
 
 async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
-    """/v1/batch purchases vs COPY and multi-row INSERT of the very rows it appended."""
-    log_dir = RESULTS / "logs"
-    url = await db.fresh("bench_import")
-    service = service_process(url, log_dir).start()
+    """/v1/batch purchases vs COPY and multi-row INSERT of the very rows it appended; then the same lines
+    on a service with LOYALTY_PROJECTORS=off (the write path alone, as the COPY baseline is the rows alone)."""
+    run = await batch_import(plan, db, "bench_import", {}, profile=plan.profile)
+    say("import: COPY and multi-row INSERT of the same rows into an equivalent table")
+    raw = await filler.copy_baseline(run.url, run.head_before)
+    out["import"] = {
+        "lines": plan.import_lines, "events": run.events, "seconds": round(run.seconds, 2),
+        "events_per_s": round(run.events / run.seconds, 1), "commands_per_s": round(plan.import_lines / run.seconds, 1),
+        "enrol_events_per_s": round(run.head_before / run.enrol_s, 1), "raw": raw,
+        "loyalty_import": await loyalty_import(run.url, db) if has_command("import") else None,
+    }
+    alone = await batch_import(plan, db, "bench_import_alone", {"LOYALTY_PROJECTORS": "off"})
+    out["import"]["write_path_alone"] = {"events": alone.events, "seconds": round(alone.seconds, 2),
+                                         "events_per_s": round(alone.events / alone.seconds, 1)}
+
+
+class BatchRun(NamedTuple):
+    url: str
+    head_before: int  # after the enrolments
+    events: int  # appended by the purchases
+    seconds: float  # the purchases'
+    enrol_s: float
+
+
+async def batch_import(plan: Plan, db: Database, name: str, extra_env: dict[str, str], profile: bool = False) -> BatchRun:
+    """Members enrolled, then ``plan.import_lines`` purchases through /v1/batch, on a fresh database; with
+    ``profile``, py-spy records the service during the purchases (``results/profile-<name>-import.txt``)."""
+    url = await db.fresh(name)
+    service = service_process(url, RESULTS / "logs", extra_env).start()
     members = max(1000, plan.import_lines // 10)
     try:
         base = f"http://127.0.0.1:{service.port}"
-        say(f"import: enrolling {members} members, then {plan.import_lines:,} purchases through /v1/batch")
+        say(f"import: enrolling {members} members, then {plan.import_lines:,} purchases through /v1/batch"
+            + "".join(f", {k}={v}" for k, v in extra_env.items()))
         enrol_s = await enrol(base, "m", members)
         rng = random.Random(7)
         lines = [{"op": "purchase", "member_id": f"m{rng.randrange(members)}",
@@ -721,6 +765,7 @@ async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
                  for n in range(plan.import_lines)]
         chunks = [lines[i:i + BATCH_LINES_PER_REQUEST] for i in range(0, len(lines), BATCH_LINES_PER_REQUEST)]
         head_before = await head_position(url)
+        spy = start_py_spy(service, raw_profile := RESULTS / f"profile-{plan.name}-import.raw") if profile else None
         started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
             queue = list(chunks)
@@ -733,18 +778,17 @@ async def scenario_import(plan: Plan, db: Database, out: dict) -> None:
 
             await asyncio.gather(sender(), sender())  # two requests in flight
         seconds = time.perf_counter() - started
-        head_after = await head_position(url)
+        events = await head_position(url) - head_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has recorded and exits
+            spy.wait(timeout=60)
+            if raw_profile.exists():
+                (RESULTS / f"profile-{plan.name}-import.txt").write_text(
+                    render(summarize(raw_profile.read_text(), 30), 30) + "\n")
+                raw_profile.unlink()
     finally:
         service.stop()
-    say("import: COPY and multi-row INSERT of the same rows into an equivalent table")
-    raw = await filler.copy_baseline(url, head_before)
-    events = head_after - head_before
-    out["import"] = {
-        "lines": plan.import_lines, "events": events, "seconds": round(seconds, 2),
-        "events_per_s": round(events / seconds, 1), "commands_per_s": round(plan.import_lines / seconds, 1),
-        "enrol_events_per_s": round(head_before / enrol_s, 1), "raw": raw,
-        "loyalty_import": await loyalty_import(url, db) if has_command("import") else None,
-    }
+    return BatchRun(url, head_before, events, seconds, enrol_s)
 
 
 def has_command(name: str) -> bool:
@@ -804,15 +848,23 @@ async def scenario_publish(plan: Plan, db: Database, out: dict) -> None:
     raw = await raw_read(url)
     nats_server = await NatsServer().start()
     try:
-        backlog = await publish_backlog(url, nats_server.url)
+        backlog = await publish_backlog(url, nats_server.url, nats_server.process.pid)
         lag = await publish_lag(plan, db, nats_server.url, out)
     finally:
         nats_server.close()
     out["publish"] = {"backlog": backlog, "raw_read": raw, "lag": lag}
 
 
-async def publish_backlog(url: str, nats_url: str) -> dict:
-    """Seconds from starting `loyalty publish` until the stream holds the whole log (process start included)."""
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def publish_backlog(url: str, nats_url: str, nats_pid: int) -> dict:
+    """Seconds from starting `loyalty publish` until the stream holds the whole log (process start included).
+
+    Also the CPU the worker (its start included) and nats-server spent meanwhile: per event, those
+    hardly move with the load of the machine's other tenants, when the rate does."""
     import nats as nats_client
 
     head = await head_position(url)
@@ -822,7 +874,9 @@ async def publish_backlog(url: str, nats_url: str) -> dict:
     nc = await nats_client.connect(nats_url)
     js = nc.jetstream()
     published, first_message = 0, None
+    nats_server = psutil.Process(nats_pid)
     try:
+        nats_cpu_before_s = cpu_s(nats_server)
         started = time.perf_counter()
         worker.start(None)
         deadline = time.monotonic() + 1800
@@ -835,13 +889,17 @@ async def publish_backlog(url: str, nats_url: str) -> dict:
             if published and first_message is None:
                 first_message = time.perf_counter()
         seconds = time.perf_counter() - started
+        worker_cpu_s, nats_cpu_s = cpu_s(psutil.Process(worker.pid)), cpu_s(nats_server) - nats_cpu_before_s
         await js.delete_stream("LOYALTY")  # the lag run's database is another log
     finally:
         worker.stop()
         await nc.close()
     return {"events": head, "published": published, "seconds": round(seconds, 2),
             "events_per_s": round(published / seconds, 1),
-            "seconds_from_first_message": round(seconds - (first_message - started), 2) if first_message else None}
+            "seconds_from_first_message": round(seconds - (first_message - started), 2) if first_message else None,
+            "worker_cpu_us_per_event": round(1e6 * worker_cpu_s / max(published, 1), 1),
+            "nats_cpu_us_per_event": round(1e6 * nats_cpu_s / max(published, 1), 1),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 async def publish_lag(plan: Plan, db: Database, nats_url: str, out: dict) -> dict:

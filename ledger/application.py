@@ -804,7 +804,11 @@ class Ledger:
             rules=self.rules.seen(),
             grants=grants_in((d.event for d in decided), self.rules.campaigns),
             # The answer's position is the highest the command appended, its stream_version the member's own.
-            respond=lambda recorded: (201, with_position(body, _last_position(append), recorded[-1].stream_version)),
+            # Not a closure over ``append``: that would be a reference cycle, and every batch line's append,
+            # events and answer would then wait for the cyclic collector (bench/README.md).
+            respond=lambda recorded: (
+                201, with_position(body, _highest_position(recorded, together), recorded[-1].stream_version)
+            ),
             together=together,
         )
         return append
@@ -888,7 +892,13 @@ class KeyedLocks:
 def _last_position(append: Append) -> int | None:
     """The highest position a sealed append (and what it appended together with it) got;
     None for one never sealed (a dry run's)."""
-    return max((part.recorded[-1].position for part in (append, *append.together) if part.recorded), default=None)
+    return _highest_position(append.recorded, append.together)
+
+
+def _highest_position(recorded: Sequence, together: Sequence[Append]) -> int | None:
+    """The highest position of an append's ``recorded`` events and of its ``together`` parts' (sealed after it)."""
+    positions = [events[-1].position for events in (recorded, *(part.recorded for part in together)) if events]
+    return max((position for position in positions if position is not None), default=None)
 
 
 def _touches_other_streams(command: cmd.Command, decided: list[Decided]) -> bool:

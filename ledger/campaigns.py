@@ -225,6 +225,11 @@ class Grant(NamedTuple):
     budget_points: int | None
     budget_coupons: int | None
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether what the campaign has spent can change this grant (``grant_holds``)."""
+        return (self.budget_coupons if self.coupon else self.budget_points) is not None
+
 
 def qualifies(campaign: Campaign, purchase: PurchaseFacts, programme: Programme) -> bool:
     conditions = campaign.conditions

@@ -99,8 +99,10 @@ def _default_welcome_pack() -> list[CouponTemplate]:
     ]
 
 
-class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    version: int = 1  # the version's number in the log (``ProgrammeHistory``), not a setting
+class ProgrammeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every setting of CONTRACT §2 and §6 with its default: what ``programme_changed`` records and
+    ``GET /v1/programme`` shows as ``settings``."""
+
     currency: str = "CNY"
     timezone: str = "Asia/Shanghai"
     earn_cents_per_point: Rate = 1000
@@ -167,6 +169,12 @@ class Programme(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     def next_tier(self, name: str) -> Tier | None:
         index = self.tier_index(name)
         return self.tiers[index + 1] if index + 1 < len(self.tiers) else None
+
+
+class Programme(ProgrammeSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The settings as one version of the log holds them."""
+
+    version: int = 1  # the version's number in the log (``ProgrammeHistory``), not a setting
 
 
 def settings_of(programme: Programme) -> dict[str, Any]:

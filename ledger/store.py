@@ -517,8 +517,9 @@ class EventStore:
         return {row["stream_id"]: row["version"] for row in rows}
 
     async def _campaign_spend(self, conn: asyncpg.Connection, appends: Sequence[Append]) -> dict[str, Spend]:
-        """What the campaigns the batch grants from have spent, read under the head lock."""
-        campaign_ids = list({grant.campaign_id for append in appends for grant in append.grants})
+        """What the campaigns with a budget the batch grants from have spent, read under the head lock
+        (a grant of a campaign without one holds whatever was spent: no round trip for it)."""
+        campaign_ids = list({grant.campaign_id for append in appends for grant in append.grants if grant.budgeted})
         if not campaign_ids:
             return {}
         return await self.read_campaign_spend(conn, campaign_ids)
@@ -595,13 +596,12 @@ class EventStore:
 
     async def _store_results(self, conn: asyncpg.Connection, results: list[StoredResult]) -> None:
         # No ON CONFLICT: every writer of answers holds the head lock and checked
-        # the keys under it, so a duplicate is a bug, and it fails loudly.
+        # the keys under it, so a duplicate is a bug, and it fails loudly (COPY
+        # checks the primary key as INSERT does). COPY, not an INSERT per answer:
+        # a batch stores thousands, and each INSERT is a statement PostgreSQL binds
+        # and executes on its own (bench/README.md).
         if results:
-            await conn.executemany(
-                """INSERT INTO command_results (stream_id, command_key, request_hash, status, body, created_at)
-                   VALUES ($1, $2, $3, $4, $5, $6)""",
-                results,
-            )
+            await conn.copy_records_to_table("command_results", columns=StoredResult._fields, records=results)
 
     async def prune_answers(self, scope: str, older_than: datetime, batch_max: int = PRUNE_BATCH_MAX) -> int:
         """Delete the answers stored under ``scope`` before ``older_than``, a bounded batch per transaction.
@@ -866,57 +866,81 @@ def _check_rules(append: Append, versions: dict[str, int], spend: dict[str, Spen
         spend[grant.campaign_id] = add_spend(spend.get(grant.campaign_id, Spend()), grant)
 
 
+class _Submitted(NamedTuple):
+    """Appends handed over together (a command, or a member's series), and the one future of their outcomes."""
+
+    appends: Sequence[Append]
+    outcomes: asyncio.Future
+
+
 class GroupCommit:
     """Many concurrent commands' appends in one transaction.
 
     Appends serialize on the head lock anyway, so one writer task takes
     everything queued while the previous transaction ran (at most
-    ``batch_max``) and commits it at once: one fsync and one lock hand-over
-    for many commands. It never waits for a batch to fill, so a lone command
-    pays no extra latency. The queue is bounded: when full, submitters wait.
+    ``batch_max`` appends) and commits it at once: one fsync and one lock
+    hand-over for many commands. It never waits for a batch to fill, so a
+    lone command pays no extra latency. What is queued is a submission (a
+    command, or up to ``batch_max`` of a member's series) with one future:
+    a batch line costs no future and no queue hand-over of its own. The queue
+    is bounded (``queue_max`` submissions): when full, submitters wait.
     """
 
     def __init__(self, store: EventStore, batch_max: int, queue_max: int) -> None:
         self.store = store
         self.batch_max = batch_max
-        self.queue: asyncio.Queue[tuple[Append, asyncio.Future]] = asyncio.Queue(queue_max)
+        self.queue: asyncio.Queue[_Submitted] = asyncio.Queue(queue_max)
+        self._carried: _Submitted | None = None  # taken from the queue, but it would have overfilled the last batch
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     async def submit_many(self, appends: Sequence[Append]) -> list[list[Envelope] | Exception]:
         """Queue ``appends`` in order; each one's outcome. Raises if none of them committed for a reason
         other than a refusal (a failed transaction); once one has committed, a failure is its own outcome."""
-        futures = []
-        for append in appends:
-            futures.append(asyncio.get_running_loop().create_future())
-            await self.queue.put((append, futures[-1]))
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        submitted = []
+        for first in range(0, len(appends), self.batch_max):
+            submitted.append(_Submitted(appends[first:first + self.batch_max], asyncio.get_running_loop().create_future()))
+            await self.queue.put(submitted[-1])
+        results = await asyncio.gather(*(s.outcomes for s in submitted), return_exceptions=True)
+        outcomes = [o for s, result in zip(submitted, results)
+                    for o in (result if isinstance(result, list) else [result] * len(s.appends))]
         failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, _APPEND_REFUSALS)]
         committed = any(not isinstance(o, BaseException) for o in outcomes)
         if failures and (not committed or not all(isinstance(f, Exception) for f in failures)):
             raise failures[0]  # nothing of these committed (or this is a cancellation): the failure answers
         return outcomes  # some committed: each outcome answers its own append
 
+    async def _next_batch(self) -> list[_Submitted]:
+        """The submissions waiting now, in order, up to ``batch_max`` appends (at least one submission)."""
+        batch = [self._carried or await self.queue.get()]
+        self._carried = None
+        appends_count = len(batch[0].appends)
+        while not self.queue.empty():
+            submitted = self.queue.get_nowait()
+            if appends_count + len(submitted.appends) > self.batch_max:
+                self._carried = submitted  # first in the next batch: the order holds
+                break
+            batch.append(submitted)
+            appends_count += len(submitted.appends)
+        return batch
+
     async def _write(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.batch_max and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            batch = await self._next_batch()
             try:
-                outcomes = await self._append_batch([append for append, _ in batch])
+                outcomes = await self._append_batch([append for submitted in batch for append in submitted.appends])
             except BaseException as failure:  # the whole transaction failed: tell every submitter
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(failure if isinstance(failure, Exception) else asyncio.CancelledError())
+                for submitted in batch:
+                    if not submitted.outcomes.done():
+                        submitted.outcomes.set_exception(
+                            failure if isinstance(failure, Exception) else asyncio.CancelledError())
                 if isinstance(failure, asyncio.CancelledError):
                     raise
                 continue
-            for (_, future), outcome in zip(batch, outcomes):
-                if future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+            first = 0
+            for submitted in batch:
+                if not submitted.outcomes.done():  # else its submitter was cancelled
+                    submitted.outcomes.set_result(outcomes[first:first + len(submitted.appends)])
+                first += len(submitted.appends)
 
     async def _append_batch(self, appends: list[Append]) -> list[list[Envelope] | Exception]:
         """The batch in one transaction; if it fails, each append in one of its own.

@@ -23,10 +23,12 @@ lease (projections/runtime.py), held on the connection that reads the log and
 writes the checkpoint; a standby takes over within ``LEASE_RETRY_S``.
 
 Acks are pipelined: up to ``IN_FLIGHT_MAX`` messages are published before
-the first ack is awaited; acks come back in order on one wildcard inbox
-subscription. Publication never touches the command path: it only reads the
-log, so NATS down or slow makes it lag (``state`` ``failed`` with the reason
-while it cannot publish), never a command wait or fail.
+the first ack is awaited, one message in ``MESSAGES_PER_ACK`` asks for an
+ack that answers for those before it (``AckWindow``), and acks come back in
+order on one wildcard inbox subscription. Publication never touches the
+command path: it only reads the log, so NATS down or slow makes it lag
+(``state`` ``failed`` with the reason while it cannot publish), never a
+command wait or fail.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ STATUS_NAME = "publisher"  # its entry in GET /v1/projections
 # client's buffer and the server's inbound queue; a page of 1,000 events is read in a few
 # milliseconds while the previous one is being published.
 IN_FLIGHT_MAX = 1024
+# One ack per this many messages: an ack costs the server a reply and the client a parse, a Msg and a
+# callback, about half of what publishing the message costs (bench/README.md, publication).
+MESSAGES_PER_ACK = 128
 PAGE_EVENTS = 1000
 ACK_TIMEOUT_S = 10.0  # the oldest message in flight unacknowledged this long: reconnect and reconcile
 CONNECT_TIMEOUT_S = 2.0
@@ -95,6 +100,7 @@ class PublisherConfig:
     subject_prefix: str = SUBJECT_PREFIX
     duplicate_window_s: float = 120.0  # for a stream the publisher creates (JetStream's default)
     in_flight_max: int = IN_FLIGHT_MAX
+    messages_per_ack: int = MESSAGES_PER_ACK
     page_events: int = PAGE_EVENTS
     ack_timeout_s: float = ACK_TIMEOUT_S
 
@@ -266,20 +272,37 @@ _decode_ack = msgspec.json.Decoder(PubAck).decode
 class AckWindow:
     """Messages published and not yet acknowledged, bounded; acks checked in order.
 
-    Each message's reply subject ends with its position. An ack must name the
-    sequence expected for that message (its predecessor's plus one); anything
+    Only every ``messages_per_ack``-th message, and the last of each page, asks for
+    an ack (a reply subject ending with its position): one ack answers for the
+    messages before it. That holds because every message carries
+    ``Nats-Expected-Last-Sequence``: JetStream stores the acked one only right
+    after its predecessor, which it stored only right after its own, and so on
+    back to the last ack, so an ack naming the expected sequence proves the
+    whole group stored in order. A message without a reply that JetStream
+    refuses answers nothing, but the group's acked message then fails its
+    fence. An ack must name the sequence expected for its message; anything
     else (an error, a duplicate stored elsewhere, an ack out of order, silence
     past ``ack_timeout_s``, the connection closing) ends the window with a
     failure, and the publisher reconciles with the stream.
+
+    ``careful`` (a session after a failure) asks every message for its ack until
+    one lands: a refusal then names its own cause (too large...), not only the
+    fence that the refused message broke for the next one.
     """
 
-    def __init__(self, nc: Nats, sequence: int, position: int, config: PublisherConfig) -> None:
+    def __init__(self, nc: Nats, sequence: int, position: int, config: PublisherConfig, careful: bool = False) -> None:
         self.nc, self.config = nc, config
         self.prefix = nc.new_inbox() + "."
         self.next_sequence = sequence + 1
         self.first_position = position
         self.acked_position, self.acked_sequence = position, sequence
-        self.in_flight: deque[tuple[int, int, float]] = deque()  # position, expected sequence, sent at
+        # At most half the window between acks: the refill below waits until half the window is acked,
+        # which the messages after the last ack request would otherwise keep from ever happening.
+        self.messages_per_ack_steady = max(1, min(config.messages_per_ack, config.in_flight_max // 2))
+        self.messages_per_ack = 1 if careful else self.messages_per_ack_steady
+        self.unacked = 0  # messages sent and not yet covered by an ack
+        self.since_reply = 0  # messages sent after the last one that asked for an ack
+        self.in_flight: deque[tuple[int, int, int, float]] = deque()  # position, expected sequence, messages, sent at
         self.failure: Exception | None = None
         self.changed = asyncio.Event()
 
@@ -291,20 +314,31 @@ class AckWindow:
             self.failure = failure
         self.changed.set()
 
-    async def send(self, envelope: Envelope) -> None:
-        if len(self.in_flight) >= self.config.in_flight_max:
-            # Refill by halves: one wake-up per many acks, not one per ack.
-            while len(self.in_flight) > self.config.in_flight_max // 2:
-                await self._wait()
-        self._check()
+    async def send_page(self, envelopes: list[Envelope]) -> None:
+        """Publish a page in order; its last message asks for an ack, so ``settle`` can wait for all."""
+        last = len(envelopes) - 1
+        for index, envelope in enumerate(envelopes):
+            if self.unacked >= self.config.in_flight_max:
+                # Refill by halves: one wake-up per many acks, not one per ack.
+                while self.unacked > self.config.in_flight_max // 2:
+                    await self._wait()
+            self._check()
+            await self._send(envelope, ask_ack=index == last or self.since_reply + 1 >= self.messages_per_ack)
+
+    async def _send(self, envelope: Envelope, ask_ack: bool) -> None:
         message_headers = headers(envelope)
         message_headers["Nats-Expected-Last-Sequence"] = str(self.next_sequence - 1)
-        # In flight before it is sent: publish yields to the loop, and the ack may come meanwhile.
-        self.in_flight.append((envelope.position, self.next_sequence, time.monotonic()))
+        self.unacked += 1
+        self.since_reply += 1
+        reply = ""
+        if ask_ack:
+            # In flight before it is sent: publish yields to the loop, and the ack may come meanwhile.
+            self.in_flight.append((envelope.position, self.next_sequence, self.since_reply, time.monotonic()))
+            self.since_reply = 0
+            reply = self.prefix + str(envelope.position)
         self.next_sequence += 1
         await self.nc.publish(
-            subject(envelope, self.config.subject_prefix), body(envelope),
-            reply=self.prefix + str(envelope.position), headers=message_headers,
+            subject(envelope, self.config.subject_prefix), body(envelope), reply=reply, headers=message_headers,
         )
 
     async def settle(self) -> None:
@@ -319,13 +353,14 @@ class AckWindow:
 
     async def _wait(self) -> None:
         self._check()
+        assert self.in_flight, "waiting for an ack no message in flight asked for"
         self.changed.clear()
-        oldest_sent_at = self.in_flight[0][2]
+        oldest_sent_at = self.in_flight[0][3]
         remaining_s = oldest_sent_at + self.config.ack_timeout_s - time.monotonic()
         try:
             await asyncio.wait_for(self.changed.wait(), max(remaining_s, 0.001))
         except asyncio.TimeoutError:
-            if self.in_flight and self.in_flight[0][2] == oldest_sent_at:
+            if self.in_flight and self.in_flight[0][3] == oldest_sent_at:
                 self.fail(TimeoutError(
                     f"JetStream acknowledged nothing for position {self.in_flight[0][0]} within"
                     f" {self.config.ack_timeout_s:g} s"
@@ -336,7 +371,7 @@ class AckWindow:
         position = int(msg.subject[len(self.prefix):])
         if self.failure is not None or not self.in_flight:
             return
-        expected_position, expected_sequence, _ = self.in_flight[0]
+        expected_position, expected_sequence, messages, _ = self.in_flight[0]
         if msg.headers and msg.headers.get("Status") == "503":
             self.fail(Refused(f"no stream {self.config.stream} answered for {msg.subject!r} (position {position})"))
             return
@@ -355,7 +390,9 @@ class AckWindow:
             ))
         else:
             self.in_flight.popleft()
+            self.unacked -= messages
             self.acked_position, self.acked_sequence = position, expected_sequence
+            self.messages_per_ack = self.messages_per_ack_steady
             self.changed.set()
 
 
@@ -483,7 +520,7 @@ class Publisher:
         if position != checkpoint:
             log.info("publisher resumes after position %d (the stream's last message; the checkpoint said %d)",
                      position, checkpoint)
-        window = AckWindow(nc, tail.sequence, position, self.config)
+        window = AckWindow(nc, tail.sequence, position, self.config, careful=self.failures > 0)
         await window.open()
         self._saved = (None, 0.0)
         return window
@@ -497,8 +534,7 @@ class Publisher:
                 # The next page is read while this one goes out (the connection is free meanwhile).
                 next_page = asyncio.ensure_future(read_envelopes(conn, after, self.config.page_events))
                 try:
-                    for envelope in envelopes:
-                        await window.send(envelope)
+                    await window.send_page(envelopes)
                 finally:
                     envelopes = await next_page
                 await self._progress(conn, window)

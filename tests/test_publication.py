@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import DiscardPolicy
 
 from events.codec import encode_json
 from ledger.store import read_envelopes
@@ -308,6 +309,33 @@ async def test_a_message_jetstream_refuses_is_retried_never_skipped(pool, nats_s
             await js.update_stream(info.config)
         await wait_until_published(pool, nats_server.url)
     assert stuck_at < await head(pool)
+    await assert_published_once_in_order(pool, nats_server.url)
+
+
+async def test_a_refused_message_that_asked_for_no_ack_stops_its_group_and_is_reported_with_its_own_cause(
+    pool, nats_server, database_url
+):
+    shop = Shop(pool)
+    await some_history(shop, members=3, purchases=2)
+    subjects = [pub.subject(e) for e in await read_envelopes(pool, 0, await head(pool))]
+    # A stream that takes one message a subject refuses the first that repeats one: mid-page, not its last
+    # message (which asks for its ack anyway).
+    refused = next(i for i, s in enumerate(subjects) if s in subjects[:i])
+    assert refused < len(subjects) - 1
+    async with nats_client(nats_server.url) as (_nc, js):
+        await js.add_stream(name=pub.STREAM, subjects=["loyalty.events.>"], max_msgs_per_subject=1,
+                            discard=DiscardPolicy.NEW, discard_new_per_subject=True)
+    # One ack for the whole page: the refused message asks for none.
+    config = PublisherConfig(url=nats_server.url, messages_per_ack=pub.PAGE_EVENTS, in_flight_max=2 * pub.PAGE_EVENTS)
+    async with running(Publisher(connector(database_url), config)):
+        await eventually(lambda: state_is(pool, "failed", "maximum messages per subject"), what="the cause to show")
+        async with nats_client(nats_server.url) as (_nc, js):
+            info = await js.stream_info(pub.STREAM)
+            stuck_at = info.state.messages
+            info.config.max_msgs_per_subject, info.config.discard_new_per_subject = -1, False
+            await js.update_stream(info.config)
+        await wait_until_published(pool, nats_server.url)
+    assert stuck_at == refused, "everything before the refused message, nothing after it"
     await assert_published_once_in_order(pool, nats_server.url)
 
 
