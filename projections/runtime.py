@@ -171,10 +171,11 @@ async def project_batch(
             batch_size = catch_up_batch_size
         if feed is None:
             window = await read_window(conn, before, upto, batch_size, module.EVENT_TYPES)
+            batch = window.events  # read for this projection's types alone
         else:
             window = await feed.window(conn, module, before, upto, batch_size)
+            batch = window.of_types(module.EVENT_TYPES)
         assert window.after == before and before < window.end <= upto
-        batch = [pair for pair in window.events if pair[0].type in module.EVENT_TYPES]
         if batch:
             await module.apply(conn, batch, target)
         if window.end < upto:
