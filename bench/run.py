@@ -589,8 +589,8 @@ async def scenario_simulation(plan: Plan, db: Database, out: dict) -> None:
 
 # `loyalty project --only` groups for the two-worker catch-up, balanced by the CPU each projection took
 # caught up alone over 300k stored events (its worker's, then its PostgreSQL backend's, seconds, each
-# worker's start of about 0.6 s included): members 2.7 + 1.5, points 1.7 + 1.7, liability 1.5 + 1.0,
-# campaigns 0.9 + 0.4, coupons 0.7 + 0.4.
+# worker's start of 0.4 s included): members 1.73 + 1.21, points 1.21 + 1.51, liability 1.04 + 0.76,
+# campaigns 0.78 + 0.41, coupons 0.44 + 0.34; so 4.74 s and 4.69 s a group.
 TWO_WORKERS = (("members", "liability"), ("points", "coupons", "campaigns"))
 
 
