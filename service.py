@@ -27,7 +27,7 @@ from ledger.jobs import Scheduler
 from ledger.programme import load_programme
 from ledger.settings import Settings, SettingsError
 from projections.publisher import Publisher, PublisherConfig
-from projections.runtime import Connect, ProjectionRuntime
+from projections.runtime import CATCH_UP_BATCH_EVENTS_MAX, Connect, ProjectionRuntime
 
 log = logging.getLogger("loyalty.service")
 
@@ -79,7 +79,8 @@ async def start_projectors(app: web.Application, connect: Connect) -> Projection
     projection active, and a standby takes over when its process dies.
     """
     names = None if app[SETTINGS].projectors else []
-    runtime = ProjectionRuntime(connect, app[PROJECTION_SERVICE], names=names)
+    runtime = ProjectionRuntime(connect, app[PROJECTION_SERVICE], names=names,
+                                catch_up_batch_size=CATCH_UP_BATCH_EVENTS_MAX)
     await runtime.start()
     return runtime
 

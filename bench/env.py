@@ -22,7 +22,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import asyncpg
 
@@ -171,10 +171,11 @@ def service_process(database_url: str, log_dir: Path, extra_env: dict[str, str] 
     return Process([*LOYALTY, "serve"], env, port, log_dir / f"service-{port}.log")
 
 
-def projector_process(database_url: str, log_dir: Path) -> Process:
-    """``loyalty project``: the projectors in a process of their own."""
+def projector_process(database_url: str, log_dir: Path, only: Sequence[str] = ()) -> Process:
+    """``loyalty project``: the projectors (``only`` these, when given) in a process of their own."""
     env = {**os.environ, "DATABASE_URL": database_url, "LOYALTY_LOG_LEVEL": "WARNING"}
-    return Process([*LOYALTY, "project"], env, 0, log_dir / f"projector-{time.time_ns()}.log")
+    only_args = [arg for name in only for arg in ("--only", name)]
+    return Process([*LOYALTY, "project", *only_args], env, 0, log_dir / f"projector-{time.time_ns()}.log")
 
 
 def noop_process(log_dir: Path) -> Process:

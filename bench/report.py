@@ -77,6 +77,19 @@ def _member_read_rows(label: str, measured: dict) -> list[dict]:
     return rows
 
 
+def _workers_row(events: int, workers: dict) -> dict:
+    """Two `loyalty project --only` workers against one running every projection, same catch-up."""
+    one_s, two_s = workers["one_worker_s"], workers["two_workers_s"]
+    rounds = f" (median of {len(two_s)} alternating rounds)" if len(two_s) > 1 else ""
+    groups = " + ".join(",".join(group) for group in workers["groups"])
+    return _row(
+        f"projection catch-up over {events / 1e6:g}M events, two `loyalty project --only` workers{rounds}",
+        f"{', '.join(_fmt(s, 's') for s in two_s)} to the head ({groups}; {workers['cpus']} cpus)",
+        f"one worker running every projection: {', '.join(_fmt(s, 's') for s in one_s)}",
+        workers["speedup_median"], "faster than one (ratio > 1)", workers["speedup_median"] > 1,
+    )
+
+
 def figures(out: dict) -> list[dict]:
     rows = []
     ingest = out.get("ingest")
@@ -146,13 +159,16 @@ def figures(out: dict) -> list[dict]:
         raw = catch["raw_read"]["events_per_s"]
         ratio = catch["events_per_s"] / raw
         rows.append(_row(
-            f"projection catch-up over {catch['events'] / 1e6:g}M events (`loyalty project`, 4 projections)",
+            f"projection catch-up over {catch['events'] / 1e6:g}M events (`loyalty project`, 5 projections)",
             f"{_fmt(catch['events_per_s'], 'events/s')} ({catch['seconds']:g} s, process start included)",
             f"raw sequential read of the events, pages of 1,000: {_fmt(raw, 'events/s')}",
             round(ratio, 3), "≥ 100,000 events/s and ≥ 0.30",
             catch["caught_up"] and catch["events_per_s"] >= 100_000 and ratio >= 0.30,
             "" if catch["caught_up"] else "did not catch up within 900 s",
         ))
+        workers = catch.get("workers", {})
+        if "speedup_median" in workers:
+            rows.append(_workers_row(catch["events"], workers))
         rebuild = catch.get("rebuild_members", {})
         if "events_per_s" in rebuild:
             ratio = rebuild["events_per_s"] / raw

@@ -484,7 +484,7 @@ async def scenario_stored(plan: Plan, db: Database, out: dict) -> None:
     members = plan.stored_events // 54
     say(f"stored: writing {members * 54:,} events of history by COPY (real events, hash-chained)")
     fill = await filler.append_members(url, "f", members, FILLER_PURCHASES, Programme())
-    out["catch_up"] = await projection_catch_up(url, log_dir, fill["events"])
+    out["catch_up"] = await projection_catch_up(url, log_dir, fill["events"], plan.rounds)
     empty_url = await db.fresh("bench_empty")
     stored, empty = service_process(url, log_dir).start(), service_process(empty_url, log_dir).start()
     try:
@@ -614,18 +614,44 @@ async def scenario_simulation(plan: Plan, db: Database, out: dict) -> None:
         service.stop()
 
 
-async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
-    """`loyalty project` from nothing to the head; a raw sequential read of the same events; a rebuild."""
-    import asyncpg
+# `loyalty project --only` groups for the two-worker catch-up, balanced by the CPU each projection took
+# caught up alone over 300k stored events (its worker's, then its PostgreSQL backend's, seconds, each
+# worker's start of 0.4 s included): members 1.73 + 1.21, points 1.21 + 1.51, liability 1.04 + 0.76,
+# campaigns 0.78 + 0.41, coupons 0.44 + 0.34; so 4.74 s and 4.69 s a group.
+TWO_WORKERS = (("members", "liability"), ("points", "coupons", "campaigns"))
 
+
+async def projection_catch_up(url: str, log_dir: Path, events: int, rounds: int = 1) -> dict:
+    """`loyalty project` from nothing to the head; a raw sequential read of the same events; one worker
+    against two splitting the projections (`--only`), alternating; a rebuild."""
     head = await head_position(url)
     say(f"projections: catch-up over {events:,} events with `loyalty project` (a process of its own)")
-    worker = env.projector_process(url, log_dir)
+    result = {"events": head, **await catch_up_with_workers(url, log_dir, head, [()])}
+    say("projections: the raw sequential read of the same events (pages of 1,000, as the projector reads)")
+    result["raw_read"] = await raw_read(url)
+    result["workers"] = await one_worker_against_two(url, log_dir, head, rounds, result["seconds"])
+    say("projections: `loyalty rebuild members` over the same events")
+    started = time.perf_counter()
+    done = subprocess.run([*env.LOYALTY, "rebuild", "members"], cwd=env.ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": url, "LOYALTY_LOG_LEVEL": "WARNING"}, timeout=1800)
+    seconds = time.perf_counter() - started
+    result["rebuild_members"] = ({"seconds": round(seconds, 2), "events_per_s": round(head / seconds, 1)}
+                                 if done.returncode == 0 else {"error": (done.stderr or done.stdout)[-500:]})
+    return result
+
+
+async def catch_up_with_workers(url: str, log_dir: Path, head: int, groups: list[tuple[str, ...]]) -> dict:
+    """Wall time for `loyalty project` workers, one per group of ``--only`` names (``()``: all projections),
+    started together, to bring every projection from nothing to ``head``."""
+    import asyncpg
+
+    workers = [env.projector_process(url, log_dir, only) for only in groups]
     conn = await asyncpg.connect(url)
     try:
         started = time.perf_counter()
         first_progress = None
-        worker.start(None)
+        for worker in workers:
+            worker.start(None)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             low = await live_checkpoint(conn)
@@ -637,22 +663,48 @@ async def projection_catch_up(url: str, log_dir: Path, events: int) -> dict:
         finished = time.perf_counter()
         caught_up = (await live_checkpoint(conn) or 0) >= head
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         await conn.close()
     seconds = finished - started
-    result = {"events": head, "caught_up": caught_up, "seconds": round(seconds, 2),
-              "events_per_s": round(head / seconds, 1),
-              "seconds_from_first_batch": round(finished - first_progress, 2) if first_progress else None}
-    say("projections: the raw sequential read of the same events (pages of 1,000, as the projector reads)")
-    result["raw_read"] = await raw_read(url)
-    say("projections: `loyalty rebuild members` over the same events")
-    started = time.perf_counter()
-    done = subprocess.run([*env.LOYALTY, "rebuild", "members"], cwd=env.ROOT, capture_output=True, text=True,
-                          env={**os.environ, "DATABASE_URL": url, "LOYALTY_LOG_LEVEL": "WARNING"}, timeout=1800)
-    seconds = time.perf_counter() - started
-    result["rebuild_members"] = ({"seconds": round(seconds, 2), "events_per_s": round(head / seconds, 1)}
-                                 if done.returncode == 0 else {"error": (done.stderr or done.stdout)[-500:]})
-    return result
+    return {"caught_up": caught_up, "seconds": round(seconds, 2), "events_per_s": round(head / seconds, 1),
+            "seconds_from_first_batch": round(finished - first_progress, 2) if first_progress else None}
+
+
+async def one_worker_against_two(url: str, log_dir: Path, head: int, rounds: int, first_one_s: float) -> dict:
+    """Two workers (``TWO_WORKERS``) against one, from nothing each time, alternating ``rounds`` times;
+    the one-worker catch-up already measured is the first round's."""
+    one_s, two_s = [first_one_s], []
+    for n in range(rounds):
+        if n:
+            await drop_projections(url)
+            one_s.append((await catch_up_with_workers(url, log_dir, head, [()]))["seconds"])
+        say(f"projections: catch-up with two `loyalty project --only` workers {TWO_WORKERS} ({n + 1}/{rounds})")
+        await drop_projections(url)
+        two = await catch_up_with_workers(url, log_dir, head, list(TWO_WORKERS))
+        if not two["caught_up"]:
+            return {"groups": TWO_WORKERS, "error": "two workers did not catch up within 900 s"}
+        two_s.append(two["seconds"])
+    speedups = sorted(one / two for one, two in zip(one_s, two_s))
+    return {"groups": TWO_WORKERS, "one_worker_s": one_s, "two_workers_s": two_s,
+            "speedup_median": round(speedups[len(speedups) // 2], 3), "cpus": os.cpu_count()}
+
+
+async def drop_projections(url: str) -> None:
+    """Every projection back to nothing: no tables, no checkpoints (`loyalty project` creates them)."""
+    import asyncpg
+
+    from projections.runtime import PROJECTIONS
+
+    conn = await asyncpg.connect(url)
+    try:
+        for module in PROJECTIONS.values():
+            for table in module.TABLES:
+                await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.execute("DELETE FROM projection_checkpoints")
+        await conn.execute("VACUUM projection_checkpoints")
+    finally:
+        await conn.close()
 
 
 async def raw_read(url: str) -> dict:
