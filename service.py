@@ -46,11 +46,13 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=30, keepalive_timeout=settings.keepalive_s,
                            lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
     await app[LEDGER].store.start_listening(lambda: asyncpg.connect(url))
     projectors = await start_projectors(app, lambda: asyncpg.connect(url))
     publication = start_publication(app, lambda: asyncpg.connect(url))
+    # The port opens last: a service that answers /readyz has finished starting (the projection tables
+    # included), so a database failing after that never meets a start-up step that cannot retry.
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
     log.info("loyalty ledger serving on http://%s:%d (programme version %d)", settings.host, settings.port,
              programme.version)
     stop = asyncio.Event()

@@ -256,6 +256,9 @@ async def test_silent_database_answers_503_within_a_bounded_time(database_url):
             status, answer, _ = await admin.get("/readyz")
             assert status == 200, answer
             await assert_everything_once(admin, {idem: (path, body)}, retrying.answers)
+    except BaseException:
+        print(f"--- service log (tail) ---\n{service.output()[-8000:]}")
+        raise
     finally:
         service.close()
         await proxy.close()
