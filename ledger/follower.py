@@ -13,7 +13,9 @@ arrive together share one query (a catch-up running when a reader arrives
 may have sent its query before that reader's write was answered, so the
 reader waits for the next). A notification of an append (LISTEN) starts a
 catch-up too, while readers are about, so that reads naming a position
-(``min_position``) usually find it applied already and need no query at all.
+(``min_position``) usually find it applied already and need no query at all;
+and without readers once the cache is ``UNREAD_LAG_MAX_EVENTS`` behind, so
+that no read ever waits for a catch-up over a long write-only burst.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import asyncio
 from typing import Awaitable, Callable, Sequence
 
 CATCH_UP_PAGE = 10_000  # rows a catch-up query reads at most; it reads pages until one is short
+# With no readers about, notifications are followed only once the cache is this many events behind: a
+# write-only burst costs a small query now and then, and the first read after it catches up over at most
+# this many rows, not over the whole burst (a read after 240,000 purchase events waited 0.8 s).
+UNREAD_LAG_MAX_EVENTS = 2_000
 # A catch-up is shared and outlives the requests waiting for it, so it is bounded on its own: one hung
 # on a connection a partition left silent would otherwise hold every later read. Its readers then read
 # the log themselves (``Ledger.read``), bounded by their requests' deadlines.
@@ -50,8 +56,9 @@ class LogFollower:
         self._readers_about = True
 
     def heard(self, position: int) -> None:
-        """A notification: the head is at ``position``. Catch up if readers may ask for it."""
-        if position > self.applied and self._readers_about:
+        """A notification: the head is at ``position``. Catch up if readers may ask for it, or if the
+        cache has fallen ``UNREAD_LAG_MAX_EVENTS`` behind."""
+        if position > self.applied and (self._readers_about or position - self.applied >= UNREAD_LAG_MAX_EVENTS):
             self._request()
 
     def _request(self) -> asyncio.Future[None]:

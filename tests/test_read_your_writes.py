@@ -25,6 +25,7 @@ from ledger import commands as cmd
 from ledger.application import Ledger, fact_of
 from ledger.clock import ManualClock
 from ledger.database import create_pool
+from ledger.follower import UNREAD_LAG_MAX_EVENTS, LogFollower
 from ledger.programme import Programme
 from ledger.state import fold
 from ledger.store import EventStore
@@ -237,3 +238,25 @@ async def test_a_member_being_changed_here_is_not_read_from_the_cache(two_ledger
         await reader.follower.current()
         assert not reading.done()
     assert (await reading).version == stream_version(enrolled)
+
+
+async def test_without_readers_the_follower_stays_within_its_bound_of_the_head():
+    """Notifications with nobody reading: no catch-up until the cache is UNREAD_LAG_MAX_EVENTS behind,
+    then one, so the first read after a write-only burst never reads the whole burst."""
+    queries: list[int] = []
+
+    async def read_after(after: int, limit: int):
+        queries.append(after)
+        return [(position, "m1", position) for position in range(after + 1, head + 1)][:limit]
+
+    follower = LogFollower(read_after, lambda rows: None, applied=0)
+    for head in range(1, UNREAD_LAG_MAX_EVENTS):
+        follower.heard(head)
+    await asyncio.sleep(0)
+    assert queries == [] and follower.applied == 0
+    head = UNREAD_LAG_MAX_EVENTS
+    follower.heard(head)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert queries == [0] and follower.applied == head
+    await follower.stop()
