@@ -21,9 +21,11 @@ Back of the envelope: a member id, a set entry and a few datetimes per member:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, NamedTuple
+from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -124,7 +126,7 @@ class Simulation:
     purchases: int = 0
     actual: _Tally = field(default_factory=_Tally)
     simulated: _Tally = field(default_factory=_Tally)
-    by_month: dict[str, list[int]] = field(default_factory=dict)  # month -> [actual, simulated]
+    by_month: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (year, month) -> [actual, simulated]
 
     @classmethod
     def of(cls, window_from: datetime, window_to: datetime, history: ProgrammeHistory, book: CampaignBook,
@@ -179,9 +181,14 @@ class Simulation:
             self.members.add(stream_id)
             self._simulate(stream_id, purchase, programme_version)
 
+    @functools.cached_property
+    def _zone(self) -> ZoneInfo:
+        return self.programme_at_to.zone
+
     def _month(self, at: datetime) -> list[int]:
-        month = at.astimezone(self.programme_at_to.zone).strftime("%Y-%m")
-        return self.by_month.setdefault(month, [0, 0])
+        # Twice a purchase: the zone is looked up once, and the month named only in the answer.
+        local = at.astimezone(self._zone)
+        return self.by_month.setdefault((local.year, local.month), [0, 0])
 
     def _earned(self, purchase: _Purchase, points: int) -> None:
         """The purchase's regular points, as actually credited."""
@@ -233,6 +240,6 @@ class Simulation:
             simulated=self.simulated.frozen(),
             delta_points=delta_points,
             delta_cost_cents=delta_points * self.programme_at_to.redeem_cents_per_point,
-            by_month=[SimulationMonth(month, actual, simulated)
-                      for month, (actual, simulated) in sorted(self.by_month.items())],
+            by_month=[SimulationMonth(f"{year:04d}-{month:02d}", actual, simulated)
+                      for (year, month), (actual, simulated) in sorted(self.by_month.items())],
         )
