@@ -318,17 +318,29 @@ class Ledger:
         """The log's purchases and grants, read up to the head as it is now, fed to the pure
         ``Simulation`` in log order; ``progress`` is told how many purchases each page held."""
         head, _hash = await self.store.head()
-        after = 0
-        while after < head:
-            page = await self.store.read_all(after, SIMULATION_PAGE_EVENTS, SIMULATION_EVENT_TYPES, until=head)
-            if not page:
-                break
-            for envelope in page:
-                event = from_data(envelope.type, envelope.schema_version, envelope.data)
-                simulation.feed(envelope.stream_id, envelope.occurred_at, envelope.programme_version, event)
-            if progress is not None:
-                progress(sum(1 for envelope in page if envelope.type == "purchase_recorded"))
-            after = page[-1].position
+
+        def read_after(position: int) -> asyncio.Task | None:
+            if position >= head:
+                return None
+            return asyncio.ensure_future(
+                self.store.read_all(position, SIMULATION_PAGE_EVENTS, SIMULATION_EVENT_TYPES, until=head)
+            )
+
+        # The next page is read while this one is simulated: PostgreSQL's half of a read runs on
+        # another core meanwhile.
+        reading = read_after(0)
+        try:
+            while reading is not None:
+                page = await reading
+                reading = read_after(page[-1].position) if page else None
+                for envelope in page:
+                    event = from_data(envelope.type, envelope.schema_version, envelope.data)
+                    simulation.feed(envelope.stream_id, envelope.occurred_at, envelope.programme_version, event)
+                if progress is not None:
+                    progress(sum(1 for envelope in page if envelope.type == "purchase_recorded"))
+        finally:
+            if reading is not None:
+                reading.cancel()
         return simulation.answer()
 
     # -- member state ----------------------------------------------------------
