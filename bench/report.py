@@ -90,6 +90,13 @@ def _workers_row(events: int, workers: dict) -> dict:
     )
 
 
+def _against_no_campaigns(figure: str, measured: dict, baseline_rps: float, goal: str, met, note: str = "") -> dict:
+    """Ingest with campaigns running against the same service without any, rounds alternating."""
+    return _row(figure + _rounds(measured), _fmt(measured["ours"]["rps"], "req/s"),
+                f"the same service without campaigns: {_fmt(baseline_rps, 'req/s')}",
+                round(measured["ratio_median"], 3), goal, met, note)
+
+
 def figures(out: dict) -> list[dict]:
     rows = []
     ingest = out.get("ingest")
@@ -216,27 +223,19 @@ def figures(out: dict) -> list[dict]:
                                 f"rebuild `members` {_fmt(catch.get('rebuild_members', {}).get('events_per_s'), 'events/s')}; "))
     campaigns = out.get("campaigns")
     if campaigns:
-        ratio = campaigns["ratio_median"]
-        rows.append(_row(
-            f"ingest with {campaigns['campaigns']} running campaigns, {campaigns['matching']} granting every purchase "
-            f"a reward" + _rounds(campaigns),
-            _fmt(campaigns["ours"]["rps"], "req/s"),
-            f"the same service without campaigns: {_fmt(campaigns['none']['rps'], 'req/s')}",
-            round(ratio, 3), "≥ 0.85", ratio >= 0.85,
-            f"each rewarded purchase appends {campaigns['matching']} more points_earned events "
-            f"({campaigns['matching'] + 2} instead of 2): "
-            f"{_fmt(campaigns['ours']['rps'] * (campaigns['matching'] + 2), 'events/s')} against "
+        ratio, matching = campaigns["ratio_median"], campaigns["matching"]
+        rows.append(_against_no_campaigns(
+            f"ingest with {campaigns['campaigns']} running campaigns, {matching} granting every purchase a reward",
+            campaigns, campaigns["none"]["rps"], "≥ 0.85", ratio >= 0.85,
+            f"each rewarded purchase appends {matching} more points_earned events ({matching + 2} instead of 2): "
+            f"{_fmt(campaigns['ours']['rps'] * (matching + 2), 'events/s')} against "
             f"{_fmt(campaigns['none']['rps'] * 2, 'events/s')}",
         ))
         unmatched = campaigns.get("unmatched")
         if unmatched:
-            ratio = unmatched["ratio_median"]
-            rows.append(_row(
-                f"the same with {campaigns['campaigns']} running campaigns that match no purchase (judging them "
-                f"alone)" + _rounds(unmatched),
-                _fmt(unmatched["ours"]["rps"], "req/s"),
-                f"the same service without campaigns: {_fmt(unmatched['baseline']['rps'], 'req/s')}",
-                round(ratio, 3), "—", None,
+            rows.append(_against_no_campaigns(
+                f"the same with {campaigns['campaigns']} running campaigns that match no purchase (judging them alone)",
+                unmatched, unmatched["baseline"]["rps"], "—", None,
             ))
     simulation = out.get("simulation")
     if simulation:
