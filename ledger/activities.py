@@ -36,6 +36,8 @@ def local_day(at: datetime, zone: ZoneInfo) -> date:
 
 def refuse_over_cap(state: MemberState, rule: Activity, at: datetime, zone: ZoneInfo) -> None:
     """409 ``activity_cap_reached`` when one more of this type would pass a cap."""
+    if not rule.total_cap and not rule.daily_cap:
+        return  # uncapped: no need to go through the member's every activity
     done = [a for a in state.activities.values() if a.type == rule.type]
     if rule.total_cap and len(done) >= rule.total_cap:
         raise Refusal(409, "activity_cap_reached", f"{rule.type} is capped at {rule.total_cap} in all",
