@@ -27,9 +27,9 @@ import sys
 import time
 
 ENROL_CHUNK = 500
-# A first purchase consumes a member: each round enrols this many per caller and second (more than a
-# quiet 2-core machine commits; should they run out, the round ends early).
-FIRST_PURCHASES_PER_CALLER_S = 80
+# A first purchase consumes a member: each round enrols this many per caller and second (should they
+# run out, the round ends early).
+FIRST_PURCHASES_PER_CALLER_S = 40
 
 
 async def _enrol(ledger, members: list[tuple[str, str | None]]) -> None:
