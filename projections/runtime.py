@@ -61,11 +61,9 @@ PROJECTIONS: dict[str, ModuleType] = {m.NAME: m for m in (members, points, coupo
 # A live batch's events become visible to readers (min_position) when it commits, so live batches
 # stay small.
 BATCH_EVENTS_MAX = 1000
-# A projector more than a live batch behind the head (catching up) reads larger pages: each batch
-# costs about ten round trips and a commit per projection whatever its length (measured over 300k
+# A projector more than a live batch behind the head (catching up) reads larger pages (Paging): each
+# batch costs about ten round trips and a commit per projection whatever its length (measured over 300k
 # stored events, five projections: PostgreSQL's CPU 4.5-7.2 s with pages of 1,000, 3.6-4.3 s with 5,000).
-# The page doubles from the live batch's size after each full one, up to this: a projector only a
-# little behind still commits (and shows readers) its first thousand events as soon as a live one would.
 CATCH_UP_BATCH_EVENTS_MAX = 5000
 # Nobody reads a rebuild's shadow tables before the swap, and each batch costs about ten round
 # trips: 5,000 against 1,000 took a rebuild of members over 1M events from 29-30k to 37-38k events/s.
@@ -142,23 +140,47 @@ async def recreate_tables(conn: asyncpg.Connection, module: ModuleType, target: 
 # -- one batch ------------------------------------------------------------------------------
 
 
+class Paging:
+    """How many events a projector's next batch reads.
+
+    Within ``live_events`` of its target a batch reads at most that many. Further behind (catching
+    up), each full page doubles the next, up to ``catch_up_max_events`` (``live_events`` when not
+    given): a projector only a little behind still commits, and shows readers, its first
+    ``live_events`` as soon as a live one would. A page that was not full (the target was reached)
+    starts the doubling again.
+    """
+
+    def __init__(self, live_events: int = BATCH_EVENTS_MAX, catch_up_max_events: int | None = None) -> None:
+        self.live_events = live_events
+        self.catch_up_max_events = max(live_events, catch_up_max_events or live_events)
+        self.catch_up_events = live_events
+
+    def page_events(self, behind_events: int) -> int:
+        """The page of a batch that starts ``behind_events`` before its target."""
+        return self.catch_up_events if behind_events > self.live_events else self.live_events
+
+    def applied(self, positions: int) -> None:
+        """What the last batch applied (positions it moved the checkpoint by) sets the next catch-up page."""
+        full = positions >= self.catch_up_events
+        self.catch_up_events = min(2 * self.catch_up_events, self.catch_up_max_events) if full else self.live_events
+
+
 async def project_batch(
     conn: asyncpg.Connection,
     module: ModuleType,
     target: Target,
     *,
     until: int | None = None,
-    batch_size: int = BATCH_EVENTS_MAX,
+    paging: Paging | None = None,
     feed: SharedFeed | None = None,
-    catch_up_batch_size: int | None = None,
 ) -> tuple[int, int]:
     """Apply the next batch after the checkpoint and move it, in one transaction.
 
-    Reads at most ``batch_size`` events in ``(checkpoint, min(head, until)]``
-    (``catch_up_batch_size`` when given and more than ``batch_size`` are
-    there), from ``feed`` when the projectors of this process share one (its
-    windows hold the events of all their types, and may have been read by
-    another of them). Returns the checkpoint before and after.
+    Reads a page (``paging``'s, by default a live batch's) of the events in
+    ``(checkpoint, min(head, until)]``, from ``feed`` when the projectors of
+    this process share one (its windows hold the events of all their types,
+    and may have been read by another of them). Returns the checkpoint
+    before and after.
     """
     name = checkpoint_name(module, target)
     head = await conn.fetchval("SELECT position FROM event_head")
@@ -169,8 +191,7 @@ async def project_batch(
             raise LookupError(f"no checkpoint {name!r}: run ensure_tables (or request the rebuild) first")
         if before >= upto:
             return before, before
-        if catch_up_batch_size is not None and upto - before > batch_size:
-            batch_size = catch_up_batch_size
+        batch_size = (paging or Paging()).page_events(upto - before)
         if feed is None:
             window = await read_window(conn, before, upto, batch_size, module.EVENT_TYPES)
             batch = window.events  # read for this projection's types alone
@@ -194,7 +215,7 @@ async def catch_up(
 ) -> int:
     """Apply batches until the checkpoint reaches the head (or ``until``); returns the checkpoint."""
     while True:
-        before, after = await project_batch(conn, module, target, until=until, batch_size=batch_size, feed=feed)
+        before, after = await project_batch(conn, module, target, until=until, paging=Paging(batch_size), feed=feed)
         if after == before:
             return after
 
@@ -231,7 +252,7 @@ async def rebuild_step(conn: asyncpg.Connection, module: ModuleType, programme: 
         await recreate_tables(conn, module, target)
     live_position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE name = $1", module.NAME)
     if shadow_position < live_position:
-        _, shadow_position = await project_batch(conn, module, target, until=live_position, batch_size=batch_size)
+        _, shadow_position = await project_batch(conn, module, target, until=live_position, paging=Paging(batch_size))
     if shadow_position < live_position:
         return "building"
     # Swap in this same step: the lease holder's next live batch would move the target again,
@@ -283,7 +304,7 @@ async def rebuild_here(conn: asyncpg.Connection, name: str, programme: Programme
     module = projection(name)
     await request_rebuild(conn, name)
     while True:
-        await project_batch(conn, module, live(programme), batch_size=batch_size)
+        await project_batch(conn, module, live(programme), paging=Paging(batch_size))
         if await rebuild_step(conn, module, programme, batch_size) == "swapped":
             return
         if progress is not None:
@@ -437,9 +458,7 @@ class Projector:
         self.module = module
         self.connect = connect
         self.programme = programme
-        self.batch_size = batch_size
-        self.catch_up_batch_size = catch_up_batch_size  # None: batch_size, however far behind
-        self.page_events = batch_size  # this batch's page when catching up: see CATCH_UP_BATCH_EVENTS_MAX
+        self.paging = Paging(batch_size, catch_up_batch_size)
         self.board = board
         self.feed = feed
         self.leading = False
@@ -491,11 +510,8 @@ class Projector:
 
     async def step(self, conn: asyncpg.Connection) -> bool:
         """One live batch, then one rebuild step if one is requested; False when there was nothing to do."""
-        before, after = await project_batch(
-            conn, self.module, live(self.programme), batch_size=self.batch_size, feed=self.feed,
-            catch_up_batch_size=self.page_events if self.catch_up_batch_size else None,
-        )
-        self._next_page(after - before)
+        before, after = await project_batch(conn, self.module, live(self.programme), paging=self.paging, feed=self.feed)
+        self.paging.applied(after - before)
         if after != before and self.board is not None:
             self.board.advanced(self.name)
         rebuilding = await rebuild_step(conn, self.module, self.programme)
@@ -503,14 +519,6 @@ class Projector:
             await _restore_state(conn, self.name)
             self.failures = 0
         return after != before or rebuilding != "none"
-
-    def _next_page(self, positions_applied: int) -> None:
-        """Double the catch-up page after a full one (up to ``catch_up_batch_size``); back to a live
-        batch's size once a batch was not full (the head was reached)."""
-        if self.catch_up_batch_size and positions_applied >= self.page_events:
-            self.page_events = min(2 * self.page_events, self.catch_up_batch_size)
-        else:
-            self.page_events = self.batch_size
 
 
 async def _mark_failed(conn: asyncpg.Connection | None, name: str) -> None:

@@ -26,6 +26,7 @@ from ledger import views
 from ledger.views import balance
 from projections import coupons, liability, members, points, runtime
 from projections.runtime import (
+    Paging,
     ProjectionMetrics,
     ProjectionRuntime,
     ProjectionService,
@@ -46,6 +47,22 @@ from tests.test_projections_support import (
 )
 
 pytestmark = pytest.mark.asyncio
+
+
+async def test_a_catch_up_page_doubles_after_each_full_one_and_starts_again_at_the_target():
+    paging = Paging(live_events=100, catch_up_max_events=500)
+    assert paging.page_events(behind_events=100) == 100  # within a live batch of the target
+    pages = []
+    for _ in range(5):
+        pages.append(paging.page_events(behind_events=10_000))
+        paging.applied(pages[-1])  # full
+    assert pages == [100, 200, 400, 500, 500]
+    assert paging.page_events(behind_events=50) == 100  # near the target: a live batch, whatever the doubling
+    paging.applied(50)  # not full: the target was reached
+    assert paging.page_events(behind_events=10_000) == 100
+    fixed = Paging(live_events=100)  # no catch-up size: every page a live batch's
+    fixed.applied(100)
+    assert fixed.page_events(behind_events=10_000) == 100
 
 
 class Interrupted:
