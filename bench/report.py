@@ -231,6 +231,12 @@ def figures(out: dict) -> list[dict]:
             f"{_fmt(campaigns['ours']['rps'] * (matching + 2), 'events/s')} against "
             f"{_fmt(campaigns['none']['rps'] * 2, 'events/s')}",
         ))
+        one = campaigns.get("one_matching")
+        if one:
+            rows.append(_against_no_campaigns(
+                f"the same with {campaigns['campaigns']} running campaigns, one granting every purchase a reward "
+                f"(3 events a purchase)", one, one["baseline"]["rps"], "—", None,
+            ))
         unmatched = campaigns.get("unmatched")
         if unmatched:
             rows.append(_against_no_campaigns(

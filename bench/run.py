@@ -520,12 +520,13 @@ async def create_campaigns(base: str, matching: int) -> None:
 
 async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
     """The same ingest with 20 running campaigns (10 granting a reward to every purchase, 10 to none), against
-    the same service without campaigns, rounds alternating; then 20 matching none against none, which
-    parts what judging campaigns costs from what the reward events cost."""
+    the same service without campaigns, rounds alternating; then 20 of which one grants every purchase a
+    reward, and 20 matching none, each against none: what one reward event costs, and what judging
+    campaigns costs apart from the reward events."""
     log_dir = RESULTS / "logs"
     services = {}
     try:
-        for name, matching in (("none", None), ("half", CAMPAIGNS // 2), ("unmatched", 0)):
+        for name, matching in (("none", None), ("half", CAMPAIGNS // 2), ("one", 1), ("unmatched", 0)):
             url = await db.fresh(f"bench_campaigns_{name}")
             service = services[name] = service_process(url, log_dir).start()
             if matching is not None:
@@ -535,11 +536,14 @@ async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
         measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", services["none"],
                                       services["half"])
         none = measured.pop("baseline")
+        one = alternating_rounds(plan, "campaigns one matching",
+                                 f"no campaigns, then {CAMPAIGNS} running of which one rewards every purchase",
+                                 services["none"], services["one"])
         unmatched = alternating_rounds(plan, "campaigns unmatched",
                                        f"no campaigns, then {CAMPAIGNS} running that match no purchase",
                                        services["none"], services["unmatched"])
         out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none,
-                            "unmatched": unmatched}
+                            "one_matching": one, "unmatched": unmatched}
     finally:
         for service in services.values():
             service.stop()
