@@ -203,16 +203,30 @@ def py_spy() -> str | None:
 
 def alternating_rounds(plan: Plan, label: str, what: str, baseline: env.Process, ours: env.Process) -> dict:
     """``plan.rounds`` rounds of the same purchase ingest, the baseline's then ours; the median round by ratio."""
-    rounds = []
+    return alternating_rounds_of_many(plan, label, what, baseline, {"ours": ours})["ours"]
+
+
+def alternating_rounds_of_many(plan: Plan, label: str, what: str, baseline: env.Process,
+                               services: dict[str, env.Process]) -> dict[str, dict]:
+    """``plan.rounds`` rounds of the same purchase ingest, in each the baseline's, then each service's in
+    turn, so every one is compared with the baseline of its own round (the baseline's database grows
+    round after round, as theirs do); for each, the median round by ratio."""
+    rounds: list[dict[str, env.WrkResult]] = []
     for number in range(plan.rounds):
         say(f"{label} round {number + 1}/{plan.rounds}: {what}; {plan.duration_s:g} s each")
-        first = purchase_load(baseline.port, "m", plan.members, f"run{number}", plan.duration_s)
-        second = purchase_load(ours.port, "m", plan.members, f"run{number}", plan.duration_s)
-        rounds.append((first, second))
-    ratios = sorted(o.rps / b.rps for b, o in rounds)
-    median_base, median_ours = sorted(rounds, key=lambda pair: pair[1].rps / pair[0].rps)[len(rounds) // 2]
-    return {"ours": median_ours.as_dict(), "baseline": median_base.as_dict(),
-            "rounds_rps": [(b.rps, o.rps) for b, o in rounds], "ratio_median": round(ratios[len(ratios) // 2], 3)}
+        loads = {"baseline": purchase_load(baseline.port, "m", plan.members, f"run{number}", plan.duration_s)}
+        for name, service in services.items():
+            loads[name] = purchase_load(service.port, "m", plan.members, f"run{number}", plan.duration_s)
+        rounds.append(loads)
+    measured = {}
+    for name in services:
+        pairs = [(loads["baseline"], loads[name]) for loads in rounds]
+        ratios = sorted(o.rps / b.rps for b, o in pairs)
+        median_base, median_ours = sorted(pairs, key=lambda pair: pair[1].rps / pair[0].rps)[len(pairs) // 2]
+        measured[name] = {"ours": median_ours.as_dict(), "baseline": median_base.as_dict(),
+                          "rounds_rps": [(b.rps, o.rps) for b, o in pairs],
+                          "ratio_median": round(ratios[len(ratios) // 2], 3)}
+    return measured
 
 
 # -- scenarios ---------------------------------------------------------------------------
@@ -520,9 +534,9 @@ async def create_campaigns(base: str, matching: int) -> None:
 
 async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
     """The same ingest with 20 running campaigns (10 granting a reward to every purchase, 10 to none), against
-    the same service without campaigns, rounds alternating; then 20 of which one grants every purchase a
-    reward, and 20 matching none, each against none: what one reward event costs, and what judging
-    campaigns costs apart from the reward events."""
+    the same service without campaigns; beside it 20 of which one grants every purchase a reward, and 20
+    matching none: what one reward event costs, and what judging campaigns costs apart from the reward
+    events. Each round runs the four services in turn."""
     log_dir = RESULTS / "logs"
     services = {}
     try:
@@ -533,17 +547,14 @@ async def scenario_campaigns(plan: Plan, db: Database, out: dict) -> None:
                 await create_campaigns(f"http://127.0.0.1:{service.port}", matching)
             await enrol(f"http://127.0.0.1:{service.port}", "m", plan.members)
             purchase_load(service.port, "m", plan.members, "warm", plan.warmup_s)
-        measured = alternating_rounds(plan, "campaigns", f"no campaigns, then {CAMPAIGNS} running", services["none"],
-                                      services["half"])
-        none = measured.pop("baseline")
-        one = alternating_rounds(plan, "campaigns one matching",
-                                 f"no campaigns, then {CAMPAIGNS} running of which one rewards every purchase",
-                                 services["none"], services["one"])
-        unmatched = alternating_rounds(plan, "campaigns unmatched",
-                                       f"no campaigns, then {CAMPAIGNS} running that match no purchase",
-                                       services["none"], services["unmatched"])
-        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **measured, "none": none,
-                            "one_matching": one, "unmatched": unmatched}
+        measured = alternating_rounds_of_many(
+            plan, "campaigns", f"no campaigns; {CAMPAIGNS} running of which 10, 1, 0 reward every purchase",
+            services["none"], {name: services[name] for name in ("half", "one", "unmatched")},
+        )
+        half = measured["half"]
+        none = half.pop("baseline")
+        out["campaigns"] = {"campaigns": CAMPAIGNS, "matching": CAMPAIGNS // 2, **half, "none": none,
+                            "one_matching": measured["one"], "unmatched": measured["unmatched"]}
     finally:
         for service in services.values():
             service.stop()
