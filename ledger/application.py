@@ -39,6 +39,7 @@ from ledger.programme import PROGRAMME_STREAM, Programme, ProgrammeHistory, deci
 from ledger.simulation import SIMULATION_EVENT_TYPES, Simulation, SimulationAnswer
 from ledger.state import Fact, MemberState, evolve, fold
 from ledger.store import (
+    MAX_READ_LIMIT,
     AlreadyAnswered,
     Append,
     EventStore,
@@ -204,7 +205,7 @@ class Ledger:
         while True:
             page = await self.store.read_stream(stream_id, after_version=after_version)
             envelopes += page
-            if len(page) < 10_000:
+            if len(page) < MAX_READ_LIMIT:
                 return envelopes
             after_version = page[-1].stream_version
 
@@ -422,15 +423,18 @@ class Ledger:
         state = self._states.pop(stream_id, None)
         self._cached_events_total -= self._cached_events.pop(stream_id, 0)
         if state is None:
-            state = await self.store.load_snapshot(stream_id, MemberState) or MemberState()
+            snapshot, envelopes = await self.store.load_stream(stream_id, MemberState)
+            state = snapshot or MemberState()
             if state.version:
                 self._snapshot_versions[stream_id] = state.version
-        while True:
+        else:
             envelopes = await self.store.read_stream(stream_id, after_version=state.version)
+        while True:
             for envelope in envelopes:
                 evolve(state, fact_of(envelope))
-            if len(envelopes) < 10_000:
+            if len(envelopes) < MAX_READ_LIMIT:
                 break
+            envelopes = await self.store.read_stream(stream_id, after_version=state.version)
         await self._maybe_snapshot(stream_id, state)
         if state.enrolled:
             self._remember(stream_id, state)
@@ -484,7 +488,7 @@ class Ledger:
         while True:
             envelopes = await self.store.read_stream(stream_id, after_version=after)
             facts += [fact_of(e) for e in envelopes if e.occurred_at <= at]
-            if len(envelopes) < 10_000:
+            if len(envelopes) < MAX_READ_LIMIT:
                 break
             after = envelopes[-1].stream_version
         return fold(facts)

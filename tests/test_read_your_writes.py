@@ -201,6 +201,22 @@ def bought(number: int) -> cmd.RecordPurchase:
     return cmd.RecordPurchase(purchase_id=f"p{number}", store_id="s", amount_cents=10_000)
 
 
+async def test_a_member_loaded_from_its_snapshot_and_tail_is_the_member_folded_from_every_event(two_ledgers):
+    """The first load of a member with a long history leaves a snapshot; a later process's load starts from it."""
+    first, writer = two_ledgers
+    await writer.execute("enrol", "m1", cmd.Enrol(member_id="m1"))
+    for number in range(60):
+        await writer.execute("purchase", "m1", bought(number))
+    await first.read("m1")  # not cached here: loaded from every event, and a snapshot saved
+    for number in range(60, 65):
+        await writer.execute("purchase", "m1", bought(number))
+    later = Ledger(EventStore(first.store.pool, writer.clock), Programme(), writer.clock)
+    loaded = await later.read("m1")
+    every_event = fold(fact_of(envelope) for envelope in await writer.store.read_stream("m1"))
+    assert later._snapshot_versions["m1"] < loaded.version  # started from the snapshot, then the tail
+    assert loaded == every_event
+
+
 async def test_a_read_shows_an_append_of_another_process_whose_notification_never_came(two_ledgers):
     """The follower here does not LISTEN at all: only the catch-up begun by the read makes it current."""
     reader, writer = two_ledgers

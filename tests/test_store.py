@@ -34,6 +34,24 @@ async def test_expected_version_conflict_appends_nothing(store):
     assert (await store.head())[0] == 1
 
 
+async def test_a_stream_loads_as_its_snapshot_and_the_events_after_it(store):
+    await store.append(Append("m1", 0, [purchase(n) for n in range(1, 6)]))
+    assert await store.load_stream("m1", dict) == (None, await store.read_stream("m1"))  # no snapshot: every event
+    await store.save_snapshot("m1", 3, {"version": 3})
+    snapshot, envelopes = await store.load_stream("m1", dict)
+    assert snapshot == {"version": 3} and envelopes == (await store.read_stream("m1"))[3:]
+    await store.save_snapshot("m1", 5, {"version": 5})  # at the head: no event follows it
+    assert await store.load_stream("m1", dict) == ({"version": 5}, [])
+    assert await store.load_stream("nobody", dict) == (None, [])
+
+
+async def test_an_unreadable_snapshot_is_passed_over_for_every_event(store, pool):
+    await store.append(Append("m1", 0, [purchase(n) for n in range(1, 4)]))
+    await store.save_snapshot("m1", 2, {"version": 2})
+    await pool.execute("UPDATE member_snapshots SET state = '\\xc1'::bytea")  # 0xc1: never used in msgpack
+    assert await store.load_stream("m1", dict) == (None, await store.read_stream("m1"))
+
+
 async def test_stream_versions_are_contiguous_and_positions_global(store):
     await store.append(Append("m1", 0, [purchase(1), purchase(2)]))
     await store.append(Append("m2", None, [purchase(3)]))
