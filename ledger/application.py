@@ -201,13 +201,7 @@ class Ledger:
             rules.campaigns.evolve(fact_of(envelope).event)
 
     async def _read_all_of(self, stream_id: str, after_version: int) -> list[Envelope]:
-        envelopes: list[Envelope] = []
-        while True:
-            page = await self.store.read_stream(stream_id, after_version=after_version)
-            envelopes += page
-            if len(page) < MAX_READ_LIMIT:
-                return envelopes
-            after_version = page[-1].stream_version
+        return [envelope async for page in self.store.stream_pages(stream_id, after_version) for envelope in page]
 
     def _rules_append(self, stream_id: str, events: list[ev.Event], actor: str | None, command_id: str | None,
                       result_keys=(), respond=None) -> Append:
@@ -422,19 +416,19 @@ class Ledger:
         """
         state = self._states.pop(stream_id, None)
         self._cached_events_total -= self._cached_events.pop(stream_id, 0)
+        more_to_read = True
         if state is None:
             snapshot, envelopes = await self.store.load_stream(stream_id, MemberState)
             state = snapshot or MemberState()
             if state.version:
                 self._snapshot_versions[stream_id] = state.version
-        else:
-            envelopes = await self.store.read_stream(stream_id, after_version=state.version)
-        while True:
             for envelope in envelopes:
                 evolve(state, fact_of(envelope))
-            if len(envelopes) < MAX_READ_LIMIT:
-                break
-            envelopes = await self.store.read_stream(stream_id, after_version=state.version)
+            more_to_read = len(envelopes) == MAX_READ_LIMIT  # a first page only
+        if more_to_read:
+            async for page in self.store.stream_pages(stream_id, after_version=state.version):
+                for envelope in page:
+                    evolve(state, fact_of(envelope))
         await self._maybe_snapshot(stream_id, state)
         if state.enrolled:
             self._remember(stream_id, state)
@@ -484,14 +478,8 @@ class Ledger:
         state = await self.read(stream_id, min_position)
         if state.latest_occurred_at is None or state.latest_occurred_at <= at:
             return state
-        facts, after = [], 0
-        while True:
-            envelopes = await self.store.read_stream(stream_id, after_version=after)
-            facts += [fact_of(e) for e in envelopes if e.occurred_at <= at]
-            if len(envelopes) < MAX_READ_LIMIT:
-                break
-            after = envelopes[-1].stream_version
-        return fold(facts)
+        pages = self.store.stream_pages(stream_id)
+        return fold([fact_of(envelope) async for page in pages for envelope in page if envelope.occurred_at <= at])
 
     # -- commands --------------------------------------------------------------
 
@@ -734,7 +722,7 @@ class Ledger:
                     await self._maybe_snapshot(stream_id, state)
                 except Exception:  # a snapshot is only a cache; the command has succeeded
                     log.warning("snapshot of %s not written; the next cold load folds further", stream_id, exc_info=True)
-                return Outcome(status, body, position=_last_position(append))
+                return Outcome(status, body, position=_highest_position(append.recorded, append.together))
         return _refusal_outcome(Refusal(503, "contention", "the member is being changed by many writers; retry"))
 
     async def _other_streams(
@@ -905,14 +893,9 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
-def _last_position(append: Append) -> int | None:
-    """The highest position a sealed append (and what it appended together with it) got;
-    None for one never sealed (a dry run's)."""
-    return _highest_position(append.recorded, append.together)
-
-
 def _highest_position(recorded: Sequence, together: Sequence[Append]) -> int | None:
-    """The highest position of an append's ``recorded`` events and of its ``together`` parts' (sealed after it)."""
+    """The highest position of an append's ``recorded`` events and of its ``together`` parts' (sealed after it);
+    None for one never sealed (a dry run's)."""
     positions = [events[-1].position for events in (recorded, *(part.recorded for part in together)) if events]
     return max((position for position in positions if position is not None), default=None)
 

@@ -659,6 +659,16 @@ class EventStore:
         )
         return [envelope_from_row(r) for r in rows]
 
+    async def stream_pages(self, stream_id: str, after_version: int = 0) -> AsyncIterator[list[Envelope]]:
+        """The stream after ``after_version``, oldest first, a page (``read_stream``'s) at a time."""
+        while True:
+            page = await self.read_stream(stream_id, after_version)
+            if page:
+                yield page
+            if len(page) < MAX_READ_LIMIT:
+                return
+            after_version = page[-1].stream_version
+
     async def read_all(
         self, after_position: int = 0, limit: int = 1000, types: Sequence[str] | None = None,
         until: int | None = None,

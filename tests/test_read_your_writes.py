@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
+from ledger import application, store
 from ledger import commands as cmd
 from ledger.application import Ledger, fact_of
 from ledger.clock import ManualClock
@@ -215,6 +216,19 @@ async def test_a_member_loaded_from_its_snapshot_and_tail_is_the_member_folded_f
     every_event = fold(fact_of(envelope) for envelope in await writer.store.read_stream("m1"))
     assert later._snapshot_versions["m1"] < loaded.version  # started from the snapshot, then the tail
     assert loaded == every_event
+
+
+async def test_a_member_longer_than_a_page_loads_whole(two_ledgers, monkeypatch):
+    """A cold load reads the snapshot's first page, then pages on until a short one."""
+    first, writer = two_ledgers
+    await writer.execute("enrol", "m1", cmd.Enrol(member_id="m1"))
+    for number in range(3):
+        await writer.execute("purchase", "m1", bought(number))
+    every_event = fold(fact_of(envelope) for envelope in await writer.store.read_stream("m1"))
+    assert every_event.version > 6  # more than two pages of 3
+    for module in (application, store):
+        monkeypatch.setattr(module, "MAX_READ_LIMIT", 3)
+    assert await first.read("m1") == every_event  # not cached here: loaded page by page
 
 
 async def test_a_read_shows_an_append_of_another_process_whose_notification_never_came(two_ledgers):

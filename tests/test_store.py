@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from events import catalogue as ev
+from ledger import store as store_module
 from ledger.store import Append, EventStore, IdentityTaken, NewEvent, WrongExpectedVersion
 
 pytestmark = pytest.mark.asyncio
@@ -43,6 +44,16 @@ async def test_a_stream_loads_as_its_snapshot_and_the_events_after_it(store):
     await store.save_snapshot("m1", 5, {"version": 5})  # at the head: no event follows it
     assert await store.load_stream("m1", dict) == ({"version": 5}, [])
     assert await store.load_stream("nobody", dict) == (None, [])
+
+
+async def test_a_stream_is_read_in_pages_to_its_end(store, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_READ_LIMIT", 3)
+    await store.append(Append("m1", 0, [purchase(n) for n in range(1, 8)]))
+    versions = [[e.stream_version for e in page] async for page in store.stream_pages("m1")]
+    assert versions == [[1, 2, 3], [4, 5, 6], [7]]
+    versions = [[e.stream_version for e in page] async for page in store.stream_pages("m1", after_version=1)]
+    assert versions == [[2, 3, 4], [5, 6, 7]]  # a last page that is full: one more read finds nothing
+    assert [page async for page in store.stream_pages("nobody")] == []
 
 
 async def test_an_unreadable_snapshot_is_passed_over_for_every_event(store, pool):
