@@ -9,6 +9,7 @@ the state before an event keeps a ``copy()``. ``decide`` never mutates.
 from __future__ import annotations
 
 import copy
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, NamedTuple, get_args
@@ -81,8 +82,49 @@ class Bucket:
 
 @dataclass(slots=True)
 class GrowthReturn:
+    """Growth a return took back: it counts against its purchase's date, from its own date on."""
+
+    purchase_occurred_at: datetime
     occurred_at: datetime
     growth: int
+
+
+@dataclass(slots=True)
+class GrowthTimeline:
+    """The member's growth by ``occurred_at``: purchases' and activities' growth, sorted, with running
+    totals, and what returns took back.
+
+    Tier rules ask for the growth in a window on every purchase, activity and
+    return; a walk over the member's whole history cost about 0.5 µs a
+    purchase (a member with 300 was 40% slower than a new one), two
+    bisections cost the same for every member. Entries arrive in date order
+    but for late purchases, whose insert shifts the totals after them.
+    """
+
+    times: list[datetime] = field(default_factory=list)
+    running: list[int] = field(default_factory=lambda: [0])  # running[i]: the growth of the first i entries
+    returns: list[GrowthReturn] = field(default_factory=list)  # few: walked on each read
+
+    def add(self, at: datetime, growth: int) -> None:
+        if not growth:
+            return
+        i = bisect_right(self.times, at)
+        self.times.insert(i, at)
+        self.running.insert(i + 1, self.running[i] + growth)
+        for later in range(i + 2, len(self.running)):
+            self.running[later] += growth
+
+    def take_back(self, purchase_occurred_at: datetime, at: datetime, growth: int) -> None:
+        if growth:
+            self.returns.append(GrowthReturn(purchase_occurred_at, at, growth))
+
+    def within(self, start: datetime, end: datetime) -> int:
+        """Growth dated in (start, end], net of what returns dated up to ``end`` took back from it."""
+        growth = self.running[bisect_right(self.times, end)] - self.running[bisect_right(self.times, start)]
+        for taken in self.returns:
+            if start < taken.purchase_occurred_at <= end and taken.occurred_at <= end:
+                growth -= taken.growth
+        return growth
 
 
 @dataclass(slots=True)
@@ -100,11 +142,6 @@ class Purchase:
     returned_cents: int = 0
     clawed_points: int = 0
     clawed_growth: int = 0
-    returns: list[GrowthReturn] = field(default_factory=list)
-
-    def growth_at(self, at: datetime) -> int:
-        """This purchase's growth net of what its returns up to ``at`` took back."""
-        return self.growth - sum(r.growth for r in self.returns if r.occurred_at <= at)
 
 
 @dataclass(slots=True)
@@ -186,6 +223,7 @@ class MemberState:
     adjustments: set[str] = field(default_factory=set)
     coupons: dict[str, Coupon] = field(default_factory=dict)
     activities: dict[str, Activity] = field(default_factory=dict)
+    growth: GrowthTimeline = field(default_factory=GrowthTimeline)  # of purchases, activities and returns
     referred_by: str | None = None
     # Referees whose first purchase rewarded this member, with that purchase's occurred_at.
     referral_rewards: dict[str, datetime] = field(default_factory=dict)
@@ -289,6 +327,7 @@ def _points_earned(state: MemberState, event: ev.PointsEarned, fact: Fact) -> No
             purchase.campaign_bucket_ids.append(event.bucket.bucket_id)
     else:
         purchase.growth = event.growth
+        state.growth.add(purchase.occurred_at, event.growth)
         if event.bucket is not None:
             purchase.bucket_id = event.bucket.bucket_id
     if event.bucket is not None:
@@ -305,6 +344,7 @@ def _activity_recorded(state: MemberState, event: ev.ActivityRecorded, fact: Fac
         ref=event.ref,
         version=fact.version,
     )
+    state.growth.add(fact.occurred_at, event.growth)
 
 
 def _caused_by_activity(state: MemberState, event: ev.TierChanged, fact: Fact) -> bool:
@@ -323,7 +363,7 @@ def _points_clawed_back(state: MemberState, event: ev.PointsClawedBack, fact: Fa
     purchase = state.purchases[event.purchase_id]
     purchase.clawed_points += event.points
     purchase.clawed_growth += event.growth
-    purchase.returns.append(GrowthReturn(fact.occurred_at, event.growth))
+    state.growth.take_back(purchase.occurred_at, fact.occurred_at, event.growth)
     _burn(state, event.buckets, event.unexpired, fact)
     state.debt += event.debt
     state.totals.clawed += event.points - event.written_off

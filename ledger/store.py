@@ -32,7 +32,7 @@ NOTIFY_CHANNEL = "loyalty_events"
 GROUP_BATCH_MAX = 500  # commands in one group-commit transaction
 GROUP_QUEUE_MAX = 10_000  # commands waiting for one; submitters wait beyond it
 # Bump when MemberState's shape changes: older snapshots are then ignored.
-SNAPSHOT_FORMAT = 5
+SNAPSHOT_FORMAT = 6
 MAX_READ_LIMIT = 10_000
 POSITION_UNBOUNDED = 2**62
 MAX_WAIT_MS = 30_000

@@ -20,7 +20,7 @@ import asyncpg
 
 from events import catalogue as ev
 from ledger.programme import Programme
-from ledger.state import Activity, GrowthReturn, MemberState, Purchase
+from ledger.state import Activity, MemberState, Purchase
 from ledger.views import LOYAL_WINDOW, rfm
 from projections.feed import Decoded, FeedEnvelope
 from projections.tables import Row, Rows, Target, apply_in_memory, insert_rows
@@ -395,7 +395,8 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
         stream_id, at,
     )
     for row in purchases:
-        state.purchases[row["purchase_id"]] = _purchase_of(row)
+        purchase = state.purchases[row["purchase_id"]] = _purchase_of(row)
+        state.growth.add(purchase.occurred_at, purchase.growth)
     returns = await conn.fetch(
         f"""SELECT purchase_id, occurred_at, growth FROM {target.table('member_returns')}
             WHERE stream_id = $1 AND occurred_at <= $2 ORDER BY position""",
@@ -404,7 +405,7 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
     for row in returns:
         purchase = state.purchases.get(row["purchase_id"])
         if purchase is not None:
-            purchase.returns.append(GrowthReturn(row["occurred_at"], row["growth"]))
+            state.growth.take_back(purchase.occurred_at, row["occurred_at"], row["growth"])
     activities = await conn.fetch(
         f"""SELECT * FROM {target.table('member_activities')} WHERE stream_id = $1 AND occurred_at <= $2
             ORDER BY position""",
@@ -415,4 +416,5 @@ async def state_as_of(conn, stream_id: str, at: datetime, target: Target = Targe
             activity_id=row["activity_id"], type=row["type"], occurred_at=row["occurred_at"], points=row["points"],
             growth=row["growth"], ref=row["ref"], version=row["position"],
         )
+        state.growth.add(row["occurred_at"], row["growth"])
     return state
