@@ -10,7 +10,8 @@ the type: ``daily_cap`` those on the same programme-local day of
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from bisect import bisect_left
+from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from events import catalogue as ev
@@ -30,20 +31,24 @@ def rule_for(programme: Programme, activity_type: str) -> Activity:
     return rule
 
 
-def local_day(at: datetime, zone: ZoneInfo) -> date:
-    return at.astimezone(zone).date()
+def day_bounds(day: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The instants (in UTC, which compares fastest with the UTC times of the log) a programme-local
+    day starts and the next one starts."""
+    return (datetime.combine(day, time(), zone).astimezone(timezone.utc),
+            datetime.combine(day + timedelta(days=1), time(), zone).astimezone(timezone.utc))
 
 
 def refuse_over_cap(state: MemberState, rule: Activity, at: datetime, zone: ZoneInfo) -> None:
     """409 ``activity_cap_reached`` when one more of this type would pass a cap."""
-    if not rule.total_cap and not rule.daily_cap:
-        return  # uncapped: no need to go through the member's every activity
-    done = [a for a in state.activities.values() if a.type == rule.type]
+    done = state.activity_times.get(rule.type, [])
     if rule.total_cap and len(done) >= rule.total_cap:
         raise Refusal(409, "activity_cap_reached", f"{rule.type} is capped at {rule.total_cap} in all",
                       cap="total_cap", limit=rule.total_cap)
-    day = local_day(at, zone)
-    if rule.daily_cap and sum(1 for a in done if local_day(a.occurred_at, zone) == day) >= rule.daily_cap:
+    if not rule.daily_cap:
+        return
+    day = at.astimezone(zone).date()
+    starts, ends = day_bounds(day, zone)
+    if bisect_left(done, ends) - bisect_left(done, starts) >= rule.daily_cap:
         raise Refusal(409, "activity_cap_reached", f"{rule.type} is capped at {rule.daily_cap} a day ({day})",
                       cap="daily_cap", limit=rule.daily_cap)
 

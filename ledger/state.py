@@ -9,7 +9,7 @@ the state before an event keeps a ``copy()``. ``decide`` never mutates.
 from __future__ import annotations
 
 import copy
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, NamedTuple, get_args
@@ -223,6 +223,8 @@ class MemberState:
     adjustments: set[str] = field(default_factory=set)
     coupons: dict[str, Coupon] = field(default_factory=dict)
     activities: dict[str, Activity] = field(default_factory=dict)
+    # Per activity type, the occurred_at of each, sorted: the caps count a day's in two bisections.
+    activity_times: dict[str, list[datetime]] = field(default_factory=dict)
     growth: GrowthTimeline = field(default_factory=GrowthTimeline)  # of purchases, activities and returns
     referred_by: str | None = None
     # Referees whose first purchase rewarded this member, with that purchase's occurred_at.
@@ -344,6 +346,7 @@ def _activity_recorded(state: MemberState, event: ev.ActivityRecorded, fact: Fac
         ref=event.ref,
         version=fact.version,
     )
+    insort(state.activity_times.setdefault(event.type, []), fact.occurred_at)
     state.growth.add(fact.occurred_at, event.growth)
 
 

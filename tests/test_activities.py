@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from events import catalogue as ev
 from ledger import commands as cmd
 from ledger.database import run_blocking
 from ledger.decide import decide
 from ledger.errors import DuplicateCommand
+from ledger.activities import day_bounds
 from ledger.programme import Activity, Programme
 from ledger.views import rolling_growth
 from projections import liability, members, points
@@ -64,6 +68,26 @@ def test_daily_caps_count_by_programme_local_day_and_total_caps_in_all():
     for n in range(3):
         m.run(activity(f"r{n}", "review"))
     m.refused(activity("r3", "review"), 409, "activity_cap_reached")
+
+
+# Zones whose days are not 24 hours: clocks changing at or near midnight, and a day skipped entirely.
+ZONES = ["Asia/Shanghai", "America/Santiago", "America/Havana", "Europe/London", "Pacific/Apia", "America/Sao_Paulo"]
+
+
+@given(
+    zone_name=st.sampled_from(ZONES),
+    hours=st.integers(min_value=0, max_value=24 * 365 * 15),
+    minutes=st.integers(min_value=0, max_value=59),
+)
+def test_a_programme_local_day_is_the_instants_between_its_bounds(zone_name, hours, minutes):
+    """The daily cap counts the instants in ``day_bounds``: exactly those whose local date is that day."""
+    zone = ZoneInfo(zone_name)
+    at = datetime(2010, 1, 1, tzinfo=timezone.utc) + timedelta(hours=hours, minutes=minutes)
+    day = at.astimezone(zone).date()
+    starts, ends = day_bounds(day, zone)
+    assert starts <= at < ends
+    assert (starts - timedelta(microseconds=1)).astimezone(zone).date() < day
+    assert ends.astimezone(zone).date() > day
 
 
 def test_an_unknown_type_is_422_and_a_reused_activity_id_is_a_duplicate():
