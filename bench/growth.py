@@ -30,7 +30,13 @@ import random
 import sys
 import time
 
+import msgspec
+
 ENROL_CHUNK = 500
+# In each round, in this order: each pair's sides run one after the other.
+KINDS = ("purchase", "activity", "first_purchase", "referral")
+# The activity type the runs record: uncapped, 1 point, 5 growth.
+VISIT = {"type": "visit", "points": 1, "growth": 5, "daily_cap": 0, "total_cap": 0}
 # A first purchase consumes a member: each round enrols this many per caller and second (should they
 # run out, the round ends early).
 FIRST_PURCHASES_PER_CALLER_S = 40
@@ -89,6 +95,20 @@ def _median_ratio(ours: list[float], baseline: list[float]) -> float:
     return round(_median([o / b for o, b in zip(ours, baseline)]), 3)
 
 
+def summary(rates: dict[str, list[float]], concurrency: int, seconds: float) -> dict:
+    """Each kind's rounds and median, and the medians of the rounds' ratios (in-process here, and over
+    HTTP in bench/run.py)."""
+    return {
+        "rounds_per_s": rates,
+        "median_per_s": {kind: _median(values) for kind, values in rates.items()},
+        "activity_over_purchase": _median_ratio(rates["activity"], rates["purchase"]),
+        "referral_over_first_purchase": _median_ratio(rates["referral"], rates["first_purchase"]),
+        "referral_over_purchase": _median_ratio(rates["referral"], rates["purchase"]),
+        "concurrency": concurrency,
+        "seconds_per_round": seconds,
+    }
+
+
 async def run(url: str, seconds: float, concurrency: int, members: int, rounds: int) -> dict:
     from ledger.application import Ledger
     from ledger.database import create_pool
@@ -96,7 +116,7 @@ async def run(url: str, seconds: float, concurrency: int, members: int, rounds: 
     from ledger.store import EventStore
 
     programme = Programme(
-        activities=[*Programme().activities, Activity("visit", 1, 5, 0, 0)],
+        activities=[*Programme().activities, msgspec.convert(VISIT, Activity)],
         referral=ReferralRule(monthly_cap=0),
     )
     pool = await create_pool(url)
@@ -105,7 +125,7 @@ async def run(url: str, seconds: float, concurrency: int, members: int, rounds: 
     try:
         await _enrol(ledger, [(f"m{n}", None) for n in range(members)])
         per_round = int(FIRST_PURCHASES_PER_CALLER_S * concurrency * seconds)
-        rates: dict[str, list[float]] = {"purchase": [], "activity": [], "first_purchase": [], "referral": []}
+        rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for number in range(rounds):
             fresh_members = {
                 "first_purchase": [(f"g{number}-{n}", None) for n in range(per_round)],
@@ -116,15 +136,7 @@ async def run(url: str, seconds: float, concurrency: int, members: int, rounds: 
                 await _enrol(ledger, fresh)
                 rate = await _round(ledger, kind, seconds, concurrency, members, [member_id for member_id, _ in fresh])
                 rates[kind].append(round(rate, 1))
-        return {
-            "rounds_per_s": rates,
-            "median_per_s": {kind: _median(values) for kind, values in rates.items()},
-            "activity_over_purchase": _median_ratio(rates["activity"], rates["purchase"]),
-            "referral_over_first_purchase": _median_ratio(rates["referral"], rates["first_purchase"]),
-            "referral_over_purchase": _median_ratio(rates["referral"], rates["purchase"]),
-            "concurrency": concurrency,
-            "seconds_per_round": seconds,
-        }
+        return summary(rates, concurrency, seconds)
     finally:
         await ledger.store.stop_group_commit()
         await pool.close()

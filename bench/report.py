@@ -283,7 +283,8 @@ def figures(out: dict) -> list[dict]:
             f"({es['eventsourcing']['conflicts']} version conflicts retried)",
             round(ratio, 2), "≥ 5×", ratio >= 5,
         ))
-    rows += _growth_rows(out.get("growth"))
+    rows += _growth_rows(out.get("growth_http"), "over HTTP, {} connections")
+    rows += _growth_rows(out.get("growth"), "in-process, {} callers, the ledger alone")
     if ingest and ingest.get("rss_mb"):
         samples = [mb for _t, mb in ingest["rss_mb"]]
         tail = samples[len(samples) // 2:]
@@ -305,18 +306,20 @@ def figures(out: dict) -> list[dict]:
     return rows
 
 
-def _growth_rows(growth: dict | None) -> list[dict]:
-    """CONTRACT §6.3/§6.4 beside the purchase, from one in-process run (bench/growth.py)."""
+def _growth_rows(growth: dict | None, how: str) -> list[dict]:
+    """CONTRACT §6.3/§6.4 beside the purchase, from one run of bench/growth.py's kinds; ``how`` says how it
+    was driven, ``{}`` standing for the concurrency."""
     if not growth or "median_per_s" not in growth:
         return []
+    how = how.format(growth["concurrency"])
     per_s, n = growth["median_per_s"], len(growth["rounds_per_s"]["purchase"])
     rounds = f" (median of {n} alternating rounds' ratios)" if n > 1 else ""
     activity, referral = growth["activity_over_purchase"], growth["referral_over_first_purchase"]
     over_purchase = growth.get("referral_over_purchase")  # absent from runs before it was measured
     return [
-        _row(f"activity ingest in-process, {growth['concurrency']} callers{rounds}", _fmt(per_s["activity"], "commands/s"),
+        _row(f"activity ingest {how}{rounds}", _fmt(per_s["activity"], "commands/s"),
              f"purchases, same run: {_fmt(per_s['purchase'], 'commands/s')}", activity, "≥ 1.0", activity >= 1.0),
-        _row(f"a referee's first purchase rewarding its referrer (two streams), in-process{rounds}",
+        _row(f"a referee's first purchase rewarding its referrer (two streams), {how}{rounds}",
              _fmt(per_s["referral"], "commands/s"),
              f"a plain member's first purchase, same run: {_fmt(per_s['first_purchase'], 'commands/s')}",
              referral, "≥ 0.8", referral >= 0.8,

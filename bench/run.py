@@ -33,7 +33,7 @@ import aiohttp
 import msgspec
 import psutil
 
-from bench import env, filler, report
+from bench import env, filler, growth, report
 from bench.env import ADMIN_KEY, Database, RssSampler, lean_process, noop_process, service_process, wrk
 from bench.profile import render, summarize
 
@@ -45,6 +45,10 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BATCH_LINES_PER_REQUEST = 5000
 HEAVY_PURCHASES = 2497  # enrolment (5 events) + 2,497 purchases (2 each) + 2 tier changes = 5,001 events
 FILLER_PURCHASES = 24  # 54 events per filler member
+GROWTH_MEMBERS = 1000  # the growth runs' members with purchases and activities, and the referees' referrers
+# First purchases enrolled per second of a run: above what the service answers (a member not enrolled
+# would be a 404 and fail the run), few enough that enrolling them stays quick.
+FRESH_MEMBERS_PER_S = 3500
 
 
 @dataclass(frozen=True)
@@ -143,13 +147,17 @@ async def post_batch(session: aiohttp.ClientSession, base: str, lines: list[dict
     return [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
 
 
-async def enrol(base: str, prefix: str, count: int) -> float:
-    """Enrol ``prefix``0..count-1 through /v1/batch; returns the seconds it took."""
+async def enrol(base: str, prefix: str, count: int, referrers: int = 0) -> float:
+    """Enrol ``prefix``0..count-1 through /v1/batch, member n referred by m<n % referrers> when ``referrers``;
+    returns the seconds it took."""
+    def body(n: int) -> dict:
+        card = {"identities": [{"type": "card", "value": f"card-{prefix}{n}"}]}
+        return {**card, "referred_by": f"m{n % referrers}"} if referrers else card
+
     started = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         for first in range(0, count, BATCH_LINES_PER_REQUEST):
-            lines = [{"op": "enrol", "member_id": f"{prefix}{n}",
-                      "body": {"identities": [{"type": "card", "value": f"card-{prefix}{n}"}]}}
+            lines = [{"op": "enrol", "member_id": f"{prefix}{n}", "body": body(n)}
                      for n in range(first, min(first + BATCH_LINES_PER_REQUEST, count))]
             results = await post_batch(session, base, lines)
             bad = [r for r in results if r["status"] != 201]
@@ -1063,17 +1071,74 @@ def member_read(plan: Plan, noop: str, base: str, read: str) -> dict:
 
 
 async def scenario_growth(plan: Plan, db: Database, out: dict) -> None:
-    """Activities beside purchases, referral first purchases beside plain ones: in-process, one run (bench/growth.py)."""
+    """Activities beside purchases, referral first purchases beside plain ones: over HTTP as a till posts
+    them (wrk), and in-process, the ledger alone (bench/growth.py)."""
+    seconds, rounds = plan.es_seconds / 3, 1 if plan.quick else plan.rounds
+    try:
+        out["growth_http"] = await growth_over_http(plan, db, seconds, rounds)
+    except RuntimeError as failed:  # a wrk run with errors: kept in the results, as the in-process part's are
+        say(f"growth over HTTP failed: {failed}")
+        out["growth_http"] = {"error": str(failed)}
     url = await db.fresh("bench_growth")
-    seconds, rounds = (plan.es_seconds / 3, 1) if plan.quick else (plan.es_seconds / 3, plan.rounds)
     say(f"growth: purchase, activity, first purchase, referral; in-process, {CONNECTIONS} callers, "
         f"{rounds} round(s) of {seconds:g} s each")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.growth", url, str(seconds), str(CONNECTIONS), "1000", str(rounds)],
+        [sys.executable, "-m", "bench.growth", url, str(seconds), str(CONNECTIONS), str(GROWTH_MEMBERS), str(rounds)],
         cwd=env.ROOT, capture_output=True, text=True, timeout=rounds * (4 * seconds + 300),
     )
     line = [l for l in done.stdout.splitlines() if l.startswith("BENCH_JSON ")]
     out["growth"] = json.loads(line[0][len("BENCH_JSON "):]) if line else {"error": done.stderr[-800:]}
+
+
+async def growth_over_http(plan: Plan, db: Database, seconds: float, rounds: int) -> dict:
+    """The four kinds of bench/growth.py through the service (what a till sees: HTTP, the answer, the
+    projectors working beside), rounds alternating; each fresh side's members enrolled right before its run."""
+    url = await db.fresh("bench_growth_http")
+    service = service_process(url, RESULTS / "logs").start()
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        await growth_programme(base)
+        await enrol(base, "m", GROWTH_MEMBERS)
+        purchase_load(service.port, "m", GROWTH_MEMBERS, "warm", plan.warmup_s)
+        rates: dict[str, list[float]] = {kind: [] for kind in growth.KINDS}
+        for number in range(rounds):
+            say(f"growth round {number + 1}/{rounds}: purchase, activity, first purchase, referral over HTTP; "
+                f"{CONNECTIONS} connections, {seconds:g} s each")
+            for kind in growth.KINDS:
+                measured = await growth_load(url, service.port, kind, f"{kind[0]}{number}-", seconds)
+                if measured.non_2xx or any(measured.errors.values()):
+                    raise RuntimeError(f"growth over HTTP, {kind}: {measured.errors} (too few fresh members? "
+                                       f"FRESH_MEMBERS_PER_S is {FRESH_MEMBERS_PER_S})")
+                rates[kind].append(measured.rps)
+        return growth.summary(rates, CONNECTIONS, seconds)
+    finally:
+        service.stop()
+
+
+async def growth_programme(base: str) -> None:
+    """The programme of bench/growth.py: an uncapped activity type, and no monthly cap on referrals."""
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.get(f"{base}/v1/programme") as answer:
+            settings = (await answer.json())["settings"]
+        changed = {"activities": [*settings["activities"], growth.VISIT],
+                   "referral": {**settings["referral"], "monthly_cap": 0}}
+        async with session.put(f"{base}/v1/programme", json={"settings": changed}) as answer:
+            assert answer.status == 201, await answer.text()
+
+
+async def growth_load(database_url: str, port: int, kind: str, run: str, seconds: float) -> env.WrkResult:
+    """One kind's wrk run; a first purchase's members (``run``0, 1, ...) enrolled for it first. Each starts
+    with the projectors caught up: no run pays for the backlog of the one before."""
+    base = f"http://127.0.0.1:{port}"
+    if kind in ("first_purchase", "referral"):
+        await enrol(base, run, int(FRESH_MEMBERS_PER_S * seconds), GROWTH_MEMBERS if kind == "referral" else 0)
+    await wait_caught_up(database_url, 300)
+    if kind == "purchase":
+        return purchase_load(port, "m", GROWTH_MEMBERS, run, seconds)
+    if kind == "activity":
+        return wrk(base, "activity.lua", ["m", str(GROWTH_MEMBERS), run, ADMIN_KEY],
+                   connections=CONNECTIONS, duration_s=seconds)
+    return wrk(base, "first_purchase.lua", [run, ADMIN_KEY], connections=CONNECTIONS, duration_s=seconds)
 
 
 SCENARIOS = {
