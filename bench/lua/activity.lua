@@ -1,17 +1,8 @@
 -- POST an activity of type "visit" (uncapped, in the bench's programme) with a unique activity_id to a
--- random pre-enrolled member.
+-- random pre-enrolled member: purchase.lua's members, arguments and ids, another request.
 -- args: member_prefix member_count run_id api_key
 package.path = debug.getinfo(1, "S").source:match("@(.*/)") .. "?.lua;" .. package.path
-require("common")
-
-function init(args)
-   member_prefix = args[1]
-   member_count = tonumber(args[2])
-   run_id = args[3]
-   headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. args[4]}
-   math.randomseed(os.time() * 1000 + tid)
-   n = 0
-end
+require("purchase")
 
 function request()
    n = n + 1
