@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import signal
 import sys
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
@@ -21,6 +20,7 @@ from aiohttp import web
 from api.app import create_app
 from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, SETTINGS
 from cli import commands
+from cli.session import stop_on_signals
 from ledger.database import open_database
 from ledger.application import Ledger
 from ledger.jobs import Scheduler
@@ -55,10 +55,7 @@ async def serve(settings: Settings) -> None:
     await site.start()
     log.info("loyalty ledger serving on http://%s:%d (programme version %d)", settings.host, settings.port,
              programme.version)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()  # after runner.setup(), whose own handlers it replaces
     background = background_tasks(app[LEDGER], settings, url)
     await stop.wait()
     log.info("stopping: draining in-flight requests")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -13,7 +12,7 @@ import asyncpg
 from tqdm import tqdm
 
 from cli import replay as replay_module
-from cli.session import database
+from cli.session import database, stop_on_signals
 from events.codec import encode_json, parse_time
 from ledger.clock import system_clock
 from ledger.settings import Settings
@@ -89,15 +88,12 @@ async def _status(pool, name: str) -> dict[str, Any]:
 
 async def project(args: argparse.Namespace, settings: Settings) -> int:
     """The projector worker: runs until SIGTERM or SIGINT."""
+    stop = stop_on_signals()
     async with database(settings) as (url, pool, programme):
         service = ProjectionService(pool, programme, system_clock)
         runtime = ProjectionRuntime(lambda: asyncpg.connect(url), service, names=args.only,
                                     catch_up_batch_size=CATCH_UP_BATCH_EVENTS_MAX)
         await runtime.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await runtime.stop()
     return 0

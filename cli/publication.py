@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+import logging
 import sys
 
 import asyncpg
 
-from cli.session import database
+from cli.session import database, stop_on_signals
 from ledger.settings import Settings
 from projections.publisher import Publisher, PublisherConfig
 
 EXIT_NOT_CONFIGURED = 2
+
+log = logging.getLogger("loyalty.publish")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -25,13 +27,12 @@ async def publish(args: argparse.Namespace, settings: Settings) -> int:
     if settings.nats_url is None:
         print("loyalty publish: set LOYALTY_NATS_URL (e.g. nats://127.0.0.1:4222)", file=sys.stderr)
         return EXIT_NOT_CONFIGURED
+    stop = stop_on_signals()
     async with database(settings) as (url, _pool, _programme):
         publisher = Publisher(lambda: asyncpg.connect(url), PublisherConfig(url=settings.nats_url))
         task = asyncio.create_task(publisher.run(), name="publication:publisher")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        log.info("publication worker started: it publishes to %s while it holds the lease, and stands by "
+                 "while another publisher does", publisher.config.stream)
         await stop.wait()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 from typing import AsyncIterator
 
 import asyncpg
@@ -23,3 +25,17 @@ async def database(settings: Settings) -> AsyncIterator[tuple[str, asyncpg.Pool,
         yield url, pool, programme
     finally:
         await pool.close()
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM or SIGINT sets, for a process that runs until it is stopped.
+
+    The workers take it before they start, so a stop that arrives while they
+    open the database still ends in a clean exit once start-up is done,
+    rather than the signal's default (killed, exit -15).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

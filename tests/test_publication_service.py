@@ -132,6 +132,7 @@ async def test_two_services_and_a_publish_worker_on_one_database_publish_each_ev
     async with first, second, aiohttp.ClientSession(timeout=TIMEOUT) as session:
         worker.spawn()
         try:
+            await eventually(lambda: _started(worker), what="the publication worker to start")
             clients = [Client(session, s.url, s.admin_key) for s in (first, second)]
             await enrol_members(clients[0])
             loading = asyncio.get_running_loop().create_task(load(clients[1:], 60, "two"))
@@ -144,6 +145,10 @@ async def test_two_services_and_a_publish_worker_on_one_database_publish_each_ev
         finally:
             worker.close()
     await assert_published_once_in_order(pool, nats_server.url)
+
+
+async def _started(worker: ServiceProcess) -> bool:
+    return "publication worker started" in worker.output()
 
 
 async def test_bad_configuration_is_a_failed_publisher_with_the_reason_never_a_crash(database_url, nats_server):
