@@ -11,7 +11,7 @@ from aiohttp import web
 from api import answers
 from api.auth import ADMIN, PRINCIPAL, READER
 from api.context import LEDGER
-from api.decoding import DRY_RUN, PAGE_LIMIT_MAX, decode, idempotency_key, query_int, read_body
+from api.decoding import DRY_RUN, PAGE_LIMIT_MAX, decode_command, idempotency_key, query_int
 from api.problems import HttpProblem, json_response, outcome_response
 from api.projected import caught_up
 from api.route import Route
@@ -30,12 +30,12 @@ def _campaign_id(value: str, name: str = "campaign_id") -> str:
 
 
 async def post_campaign(request: web.Request) -> web.StreamResponse:
-    return await _change(request, "campaign_create", decode(await read_body(request), cmd.CreateCampaign))
+    return await _change(request, "campaign_create", await decode_command(request, "campaign_create", cmd.CreateCampaign))
 
 
 async def end_campaign(request: web.Request) -> web.StreamResponse:
     campaign_id = _campaign_id(request.match_info["campaign_id"])
-    command = decode(await read_body(request), cmd.EndCampaign, campaign_id=campaign_id)
+    command = await decode_command(request, "campaign_end", cmd.EndCampaign, campaign_id=campaign_id)
     return await _change(request, "campaign_end", command)
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from api.auth import ADMIN, CHECKOUT, PRINCIPAL, Handler, Principal
 from api.context import LEDGER
-from api.decoding import DRY_RUN, decode, idempotency_key, if_match, path_id, read_body
+from api.decoding import DRY_RUN, decode_command, idempotency_key, if_match, path_id
 from api.problems import HttpProblem, outcome_response
 from api.route import Route
 from ledger import answers
@@ -108,7 +108,7 @@ def command_handler(operation: Operation) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         member_id = path_id(request, "member_id") if "{member_id}" in operation.path else None
         path_fields = {name: path_id(request, name) for name in operation.path_fields}
-        command = decode(await read_body(request), operation.body, **path_fields)
+        command = await decode_command(request, operation.name, operation.body, member_id or "", **path_fields)
         outcome = await run_operation(
             request.app, operation, member_id, command, request[PRINCIPAL], idempotency_key(request),
             if_match(request), request[DRY_RUN],

@@ -9,9 +9,13 @@ from datetime import datetime
 import msgspec
 from aiohttp import web
 
-from api.problems import JSON, HttpProblem, validation_problem
-from events.codec import parse_time
+from api.context import LEDGER
+from api.problems import JSON, Answered, HttpProblem, validation_problem
+from events.codec import encode_json, parse_time
 from ledger import commands as cmd
+from ledger.application import Outcome, body_hash
+from ledger.clock import as_of_problem
+from ledger.errors import problem
 
 BODY_MAX_BYTES = 64 * 1024
 BATCH_MAX_BYTES = 8 * 1024 * 1024
@@ -102,9 +106,12 @@ def query_time(request: web.Request, name: str, default: datetime) -> datetime:
     if raw is None:
         return default
     try:
-        return parse_time(raw)
+        moment = parse_time(raw)
     except (ValueError, msgspec.ValidationError):
         raise HttpProblem(422, "validation_failed", f"{name} must be an RFC 3339 time with offset", field=name) from None
+    if (why := as_of_problem(moment)) is not None:
+        raise HttpProblem(422, "validation_failed", f"{name} {why}", field=name)
+    return moment
 
 
 DRY_RUN = web.RequestKey("dry_run", bool)
@@ -138,3 +145,27 @@ def idempotency_key(request: web.Request) -> str | None:
     if key is not None and not 1 <= len(key) <= 255:
         raise HttpProblem(422, "validation_failed", "Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     return key
+
+
+async def decode_command(request: web.Request, operation: str, type_: type, stream_id: str = "", **path_fields: str):
+    """The request's command, decoded from its body as ``decode`` does.
+
+    A body refused here (not JSON, a field wrong) is an answer like the ledger's refusals: with an
+    Idempotency-Key it is stored, so a retry gets it again and the same key with a corrected body is
+    ``idempotency_key_reused`` (CONTRACT §4). A dry run stores nothing.
+    """
+    body = await read_body(request)
+    try:
+        return decode(body, type_, **path_fields)
+    except HttpProblem as refusal:
+        key = idempotency_key(request)
+        if key is None or request.get(DRY_RUN, False):
+            raise
+        outcome = Outcome(refusal.status, encode_json(problem(refusal.status, refusal.code, refusal.detail,
+                                                              **refusal.extra)))
+
+        async def refused() -> Outcome:
+            return outcome
+
+        fingerprint = body_hash(operation, stream_id, body)
+        raise Answered(await request.app[LEDGER].answer_once(stream_id, key, fingerprint, refused)) from None

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 from api.context import SETTINGS
-from api.problems import HttpProblem, problem_response, unexpected_failure
+from api.problems import Answered, HttpProblem, outcome_response, problem_response, unexpected_failure
 from ledger.application import Ledger
 from ledger.store import MAX_WAIT_MS, EventStore
 
@@ -96,6 +96,8 @@ async def problems_and_metrics(request: web.Request, handler):
         response = await bounded(handler(request), request_deadline_s(request), in_place)
     except HttpProblem as failure:
         response = problem_response(failure.status, failure.code, failure.detail, failure.headers, **failure.extra)
+    except Answered as answered:
+        response = outcome_response(answered.outcome)
     except web.HTTPException as http:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(http.status, "http_error")
         detail = {

@@ -28,6 +28,14 @@ class HttpProblem(Exception):
         self.status, self.code, self.detail, self.headers, self.extra = status, code, detail, headers or {}, extra
 
 
+class Answered(Exception):
+    """An answer given before the handler's own (a stored refusal): sent as it is."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.status)
+        self.outcome = outcome
+
+
 def problem_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any):
     return web.Response(
         status=status,

@@ -13,14 +13,14 @@ from aiohttp import web
 from api import answers
 from api.auth import ADMIN, PRINCIPAL, READER
 from api.context import LEDGER
-from api.decoding import POSITION_MAX, decode, idempotency_key, query_int, query_time, read_body
+from api.decoding import POSITION_MAX, decode_command, idempotency_key, query_int, query_time
 from api.problems import json_response, outcome_response
 from api.route import Route
 from ledger import commands as cmd
 
 
 async def put_programme(request: web.Request) -> web.StreamResponse:
-    command = decode(await read_body(request), cmd.ChangeProgramme)
+    command = await decode_command(request, "programme_change", cmd.ChangeProgramme)
     outcome = await request.app[LEDGER].execute_rules(
         "programme_change", command, actor=request[PRINCIPAL].name, idempotency_key=idempotency_key(request)
     )

@@ -21,7 +21,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, NamedTuple, Sequence
+from typing import Awaitable, Callable, NamedTuple, Sequence
 import msgspec
 
 from events.codec import encode_json, from_data
@@ -106,6 +106,11 @@ def request_hash(operation: str, stream_id: str, command: cmd.Command) -> str:
     """The fingerprint that tells a retry (same body) from a reuse (other body)."""
     canonical = _sorted_encoder.encode({"op": operation, "member": stream_id, "body": command})
     return hashlib.sha256(canonical).hexdigest()
+
+
+def body_hash(operation: str, stream_id: str, body: bytes) -> str:
+    """The fingerprint of a body refused before it became a command (it did not decode)."""
+    return hashlib.sha256(_sorted_encoder.encode({"op": operation, "member": stream_id, "raw": body})).hexdigest()
 
 
 def _refusal_outcome(refusal: Refusal) -> Outcome:
@@ -260,7 +265,7 @@ class Ledger:
         if outcome is None:
             return _refusal_outcome(Refusal(503, "contention", "the rules are being changed by many writers; retry"))
         if idempotency_key is not None and not dry_run:
-            return await self._keep_refusal(stream_id, idempotency_key, fingerprint, outcome)
+            return await self._keep_answer(stream_id, idempotency_key, fingerprint, outcome)
         return outcome
 
     def _decide_rules(self, command: cmd.Command) -> ev.Event:
@@ -474,12 +479,18 @@ class Ledger:
         self._snapshot_versions.pop(stream_id, None)
 
     async def state_as_of(self, stream_id: str, at: datetime, min_position: int | None = None) -> MemberState:
-        """The member as the events with occurred_at <= ``at`` make it (log order); read as ``read`` reads."""
+        """The member as the events with occurred_at <= ``at`` make it (log order); read as ``read`` reads.
+
+        The enrolment is always taken, whatever its date: a purchase a till dated before the member's
+        enrolment counts in the balance as of its date, as it does in the liability report, so the
+        member exists for that read too (its tier is the one it enrolled with).
+        """
         state = await self.read(stream_id, min_position)
         if state.latest_occurred_at is None or state.latest_occurred_at <= at:
             return state
         pages = self.store.stream_pages(stream_id)
-        return fold([fact_of(envelope) async for page in pages for envelope in page if envelope.occurred_at <= at])
+        return fold([fact_of(envelope) async for page in pages for envelope in page
+                     if envelope.occurred_at <= at or envelope.type == "member_enrolled"])
 
     # -- commands --------------------------------------------------------------
 
@@ -520,17 +531,32 @@ class Ledger:
         if dry_run:
             return dry_run_outcome(outcome)
         if idempotency_key is not None and outcome.status < 500 and outcome.position is None and not outcome.replayed:
-            return await self._keep_refusal(stream_id, idempotency_key, fingerprint, outcome)
+            return await self._keep_answer(stream_id, idempotency_key, fingerprint, outcome)
         return outcome
 
-    async def _keep_refusal(self, stream_id: str, idempotency_key: str, fingerprint: str, outcome: Outcome) -> Outcome:
-        """Store a refusal under its Idempotency-Key, unless the key got its first answer meanwhile: then that one.
+    async def answer_once(
+        self, stream_id: str, idempotency_key: str, fingerprint: str, answer: Callable[[], Awaitable[Outcome]]
+    ) -> Outcome:
+        """An answer no member command makes (a body refused before any decision, a time job's report),
+        given once per Idempotency-Key (CONTRACT §4): the key's first answer when it has one, else
+        ``answer()``'s, kept for the retries unless it is a 5xx."""
+        stored = await self.store.stored_result(GLOBAL_SCOPE, f"idem:{idempotency_key}")
+        if stored is not None:
+            return self._replay_or_reuse(stored, fingerprint, "idempotency_key_reused", 422)
+        outcome = await answer()
+        if outcome.status >= 500:
+            return outcome
+        return await self._keep_answer(stream_id, idempotency_key, fingerprint, outcome)
+
+    async def _keep_answer(self, stream_id: str, idempotency_key: str, fingerprint: str, outcome: Outcome) -> Outcome:
+        """Store an answer that appended nothing under its Idempotency-Key, unless the key got its first answer
+        meanwhile: then that one.
 
         A refusal is an answer too: the retry gets it again. It is stored
         through the append path (an append of no events), under the head lock
         where every answer is checked and stored, so a concurrent request with
         the same key either commits first (and this caller gets its answer) or
-        finds this refusal.
+        finds this one.
         """
         keep = Append(
             stream_id=stream_id,

@@ -104,3 +104,34 @@ async def test_metrics_count_appended_events_and_show_the_logs_head(api, pool):
               if line.startswith(("loyalty_events_appended_total", "loyalty_log_head_position"))}
     assert values["loyalty_events_appended_total"] == appended_here
     assert values["loyalty_log_head_position"] == appended_here + 1
+
+
+@pytest.mark.parametrize("as_of", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"])
+async def test_an_as_of_at_the_ends_of_time_is_refused_not_an_overflow(api, as_of):
+    await api.enrol("m1")
+    head_before = await api.head()
+    for path, role in (("/v1/members/m1/balance", "reader"), ("/v1/members/m1/tier", "reader"),
+                       ("/v1/programme/liability", "reader"), ("/v1/programme", "reader")):
+        status, problem, _ = await api.get(path, role=role, as_of=as_of)
+        assert (status, problem["code"], problem["field"]) == (422, "validation_failed", "as_of"), (path, problem)
+        assert "between 1000-01-01 and 9000-01-01" in problem["detail"]
+    status, problem, _ = await api.post(f"/v1/jobs/expire?as_of={as_of}", role="admin")
+    assert (status, problem["field"]) == (422, "as_of"), problem
+    assert await api.head() == head_before
+    status, _, _ = await api.get("/v1/members/m1/balance", role="reader", as_of="1000-01-01T00:00:00Z")
+    assert status == 200
+
+
+async def test_a_balance_before_the_enrolment_counts_a_purchase_dated_before_it(api):
+    """A till's purchase dated before the member enrolled counts as of its date, as in the liability."""
+    await api.enrol("m1")
+    status, answer, _ = await api.purchase("m1", "p1", 25_000, occurred_at=(api.clock() - timedelta(days=20)).isoformat())
+    assert status == 201, answer
+    as_of = (api.clock() - timedelta(days=10)).isoformat()
+    status, balance, _ = await api.get("/v1/members/m1/balance", role="reader", as_of=as_of)
+    assert status == 200, balance
+    assert balance["available"] + balance["pending"] == answer["points"] > 0
+    status, tier, _ = await api.get("/v1/members/m1/tier", role="reader", as_of=as_of)
+    assert status == 200 and tier["tier"] == "regular", tier
+    status, problem, _ = await api.get("/v1/members/nobody/balance", role="reader", as_of=as_of)
+    assert (status, problem["code"]) == (404, "member_not_found")

@@ -93,6 +93,30 @@ async def test_a_refusal_is_replayed_too(api):
     assert again[2].headers["Idempotent-Replayed"] == "true"
 
 
+@pytest.mark.parametrize("refused_body, status", [
+    (b'{"purchase_id": "p1", "store_id": "s1", "amount_cents": 100, "foo": 1}', 422),  # an unknown field
+    (b'{"purchase_id": "p1", "store_id": "s1", "amount_cents": ', 400),  # not JSON
+])
+async def test_a_body_refused_before_any_decision_is_its_keys_first_answer_too(api, refused_body, status):
+    await api.enrol("m1")
+    head = await api.head()
+
+    async def post(body: bytes, **query: str):
+        headers = {**api.headers("checkout"), "Idempotency-Key": "k3", "Content-Type": "application/json"}
+        response = await api.client.post("/v1/members/m1/purchases", data=body, headers=headers, params=query)
+        return response.status, await response.json(content_type=None), response
+
+    dry = await post(refused_body, dry_run="true")  # a dry run stores nothing
+    first = await post(refused_body)
+    again = await post(refused_body)
+    assert dry[:2] == first[:2] and first[0] == again[0] == status and first[1] == again[1]
+    assert "Idempotent-Replayed" not in first[2].headers and again[2].headers["Idempotent-Replayed"] == "true"
+    assert again[2].content_type == "application/problem+json"
+    corrected = await post(b'{"purchase_id": "p1", "store_id": "s1", "amount_cents": 100}')
+    assert (corrected[0], corrected[1]["code"]) == (422, "idempotency_key_reused"), corrected[1]
+    assert await api.head() == head
+
+
 async def test_idempotency_key_reused_with_another_body_is_refused(api):
     await api.enrol("m1")
     await api.post("/v1/members/m1/purchases", {"purchase_id": "p1", "store_id": "s1", "amount_cents": 100},
@@ -230,3 +254,17 @@ async def test_health_readiness_metrics_and_openapi(api):
     assert "/v1/members/{member_id}/purchases" in document["paths"]
     schema = document["components"]["schemas"]["RecordPurchase"]
     assert schema["properties"]["amount_cents"]["exclusiveMinimum"] == 0
+
+
+async def test_a_time_job_with_an_idempotency_key_answers_its_first_run_again(api):
+    """A job's retry without as_of would run at a later now: with the key it gets the first run's answer."""
+    await api.enrol("m1")
+    await api.purchase("m1", "p1", 10_000)
+    api.clock.advance(days=400)  # p1's points have expired
+    first = await api.post("/v1/jobs/expire", role="admin", **{"Idempotency-Key": "job-1"})
+    assert first[0] == 200 and first[1]["appended"] > 0, first[1]  # p1's bucket and the welcome coupons
+    api.clock.advance(days=1)
+    again = await api.post("/v1/jobs/expire", role="admin", **{"Idempotency-Key": "job-1"})
+    assert again[:2] == first[:2] and again[2].headers["Idempotent-Replayed"] == "true"
+    other = await api.post("/v1/jobs/expire?as_of=2025-01-01T00:00:00Z", role="admin", **{"Idempotency-Key": "job-1"})
+    assert (other[0], other[1]["code"]) == (422, "idempotency_key_reused"), other[1]
