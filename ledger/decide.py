@@ -391,12 +391,16 @@ def _reverse_redemption(state: MemberState, command: cmd.ReverseRedemption, prog
         raise DuplicateCommand(f"redemption_reversal:{command.redemption_id}")
     at = business_time(command.occurred_at, programme, now)
     _not_before(at, redemption.occurred_at, "the redemption")
-    # Restored into a bucket past its expiry, or one the expire job already
-    # wrote off: expired again at once, and the trail says so.
-    expired = [
-        part
+    # Restored into a bucket already past its expiry at ``at``: expired again at once, and the trail
+    # says so. Restored, at a date before its expiry, into a bucket whose expiry the job has already
+    # written: those points expire at the bucket's expires_at, recorded now, since no later job
+    # returns to a bucket it wrote off.
+    expired = [part for part in redemption.buckets if state.buckets[part.bucket_id].is_expired(at)]
+    written_off_later = [
+        Decided(bucket.expires_at, ev.PointsExpired(bucket_id=part.bucket_id, points=part.points,
+                                                    expires_at=bucket.expires_at))
         for part in redemption.buckets
-        if state.buckets[part.bucket_id].is_expired(at) or state.buckets[part.bucket_id].expiry_recorded
+        if not (bucket := state.buckets[part.bucket_id]).is_expired(at) and bucket.expiry_recorded
     ]
     event = ev.RedemptionReversed(
         redemption_id=redemption.redemption_id,
@@ -404,7 +408,7 @@ def _reverse_redemption(state: MemberState, command: cmd.ReverseRedemption, prog
         buckets=list(redemption.buckets),
         expired=expired,
     )
-    return [Decided(at, event)]
+    return [Decided(at, event), *written_off_later]
 
 
 def _issue_coupon(state: MemberState, command: cmd.IssueCoupon, programme: Programme, now: datetime):

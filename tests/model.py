@@ -621,9 +621,11 @@ class Model:
         expired = []
         for bucket_id, n in r.parts:
             b = self._bucket(m, bucket_id)
-            # Restored past its expiry, or into a bucket the expire job wrote off: expired at once.
+            # Restored past its expiry: expired at once (in the answer). Into a bucket the expire job
+            # wrote off, dated before its expiry: expired at its expires_at, recorded now.
             if b.expires_at <= at or b.expiry_recorded:
                 b.expired_recorded += n
+            if b.expires_at <= at:
                 expired.append((bucket_id, n))
         m.totals.append((at, "redeemed", -r.points))
         r.reversed = True

@@ -176,7 +176,7 @@ def test_the_expire_job_records_each_expired_bucket_once_and_changes_no_balance(
     recorded = [f for f in member.facts[-len(expired):] if isinstance(f.event, ev.PointsExpired)]
     assert [(f.event.bucket_id, f.event.points, f.occurred_at) for f in recorded] == [("p:p1", 25, TUESDAY + 365 * DAY)]
     assert member.balance() == before
-    assert member.run(cmd.ExpireDue(as_of=member.now)) == []
+    assert [e for e in member.run(cmd.ExpireDue(as_of=member.now)) if isinstance(e, ev.PointsExpired)] == []
 
 
 # -- redemptions ------------------------------------------------------------------------
@@ -245,6 +245,27 @@ def test_a_redemption_reversal_restores_exactly_the_buckets_it_took():
     assert member.balance().lifetime_redeemed == 0
     with pytest.raises(DuplicateCommand):
         decide(member.state, cmd.ReverseRedemption(redemption_id="x1"), member.programme, member.now)
+
+
+def test_a_reversal_dated_before_an_expiry_the_job_wrote_off_expires_its_points_at_the_expiry():
+    member = Member()
+    member.buy("p1", 20_000)  # 20 points, expiring on day 365
+    member.now = TUESDAY + 360 * DAY
+    member.redeem("x1", 4)
+    member.now = TUESDAY + 370 * DAY
+    expires_at = member.state.buckets["p:p1"].expires_at
+    written_off = member.run(cmd.ExpireDue(as_of=member.now))
+    assert [e.points for e in written_off if isinstance(e, ev.PointsExpired)] == [16]
+    decided = member.run(cmd.ReverseRedemption(redemption_id="x1", occurred_at=TUESDAY + 362 * DAY))
+    reversed_ = next(e for e in decided if isinstance(e, ev.RedemptionReversed))
+    assert reversed_.expired == []  # nothing had expired on day 362
+    assert member.facts[-1].occurred_at == expires_at  # the restored 4 expire then, not at the reversal
+    assert [(e.bucket_id, e.points) for e in decided if isinstance(e, ev.PointsExpired)] == [("p:p1", 4)]
+    on_day_363 = member.balance(TUESDAY + 363 * DAY)
+    assert (on_day_363.available, on_day_363.lifetime_expired) == (20, 0) and conserved(on_day_363)
+    now = member.balance()
+    assert (now.available, now.lifetime_redeemed, now.lifetime_expired) == (0, 0, 20) and conserved(now)
+    assert member.run(cmd.ExpireDue(as_of=member.now)) == []
 
 
 def test_a_reversal_after_expiry_restores_and_expires_at_once():
