@@ -6,6 +6,7 @@ and the route table), every other command is ``cli/``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
@@ -14,17 +15,15 @@ from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
 import asyncpg
-import uvloop
 from aiohttp import web
 
 from api.app import create_app
 from api.context import LEDGER, PROJECTION_SERVICE, PUBLICATION, SETTINGS
 from cli import commands
-from cli.session import stop_on_signals
+from cli.session import programme_setting, stop_on_signals
 from ledger.database import open_database
 from ledger.application import Ledger
 from ledger.jobs import Scheduler
-from ledger.programme import load_programme
 from ledger.settings import Settings, SettingsError
 from projections.publisher import Publisher, PublisherConfig
 from projections.runtime import CATCH_UP_BATCH_EVENTS_MAX, Connect, ProjectionRuntime
@@ -39,8 +38,8 @@ def configure_logging(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
+    programme = programme_setting(settings.programme_path)  # first: a mistake in it is told at once
     url, pool = await open_database(settings.database_url)
-    programme = load_programme(settings.programme_path)
     app = create_app(pool, programme, settings=settings)
     # lingering_time: after answering a request whose body never came, drain it for 2 s at most, then close.
     runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=30, keepalive_timeout=settings.keepalive_s,
@@ -149,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     configure_logging(settings)
     tune_garbage_collector()
-    if args.command == "serve":
-        uvloop.run(serve(settings))
-        return 0
-    return commands.run(args, settings)
+    command = serve_command if args.command == "serve" else commands.COMMANDS[args.command]
+    return commands.run(command, args, settings)
+
+
+async def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    await serve(settings)
+    return 0
 
 
 if __name__ == "__main__":

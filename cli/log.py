@@ -20,7 +20,9 @@ from api.app import create_app
 from api.auth import Principal
 from api.batch import BatchLine, parse_batch_line, run_batch_lines
 from api.context import LEDGER
+from api.decoding import POSITION_MAX
 from cli.session import database
+from cli.usage import open_file
 from events.codec import encode_json
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -29,11 +31,22 @@ from projections import transfer
 IMPORT_CHUNK_LINES = 2000
 
 
+def _position(text: str) -> int:
+    """The argparse type of ``--after``: a position in the log, 0 (before the first event) or more."""
+    try:
+        position = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= position <= POSITION_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a position: give one from 0 to {POSITION_MAX}")
+    return position
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser("verify", help="verify the hash chain of the whole log")
     export_ = commands.add_parser("export", help="write the log as JSON lines or CSV (standard output by default)")
     export_.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    export_.add_argument("--after", type=int, default=0, help="start after this position")
+    export_.add_argument("--after", type=_position, default=0, help="start after this position")
     export_.add_argument("--out", help="write to this file instead of standard output")
     import_ = commands.add_parser(
         "import", help="bulk-import batch command lines ({\"op\", ...}) or an export of envelopes (resumable, idempotent)"
@@ -54,7 +67,7 @@ async def verify(args: argparse.Namespace, settings: Settings) -> int:
 async def export(args: argparse.Namespace, settings: Settings) -> int:
     async with database(settings) as (_url, pool, _programme):
         head = await pool.fetchval("SELECT position FROM event_head")
-        out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout
+        out = open_file(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout
         try:
             with tqdm(total=max(head - args.after, 0), unit="event", desc="export", file=sys.stderr) as bar:
                 await transfer.export(pool, out, args.format, args.after, progress=bar.update)
@@ -69,7 +82,7 @@ async def import_file(args: argparse.Namespace, settings: Settings) -> int:
     if holds_commands(args.file):
         return await import_commands(args.file, settings)
     async with database(settings) as (_url, pool, _programme):
-        with open(args.file, "rb") as lines, tqdm(
+        with open_file(args.file) as lines, tqdm(
             total=os.path.getsize(args.file), unit="B", unit_scale=True, desc="import", file=sys.stderr
         ) as bar:
             try:
@@ -83,7 +96,7 @@ async def import_file(args: argparse.Namespace, settings: Settings) -> int:
 
 def holds_commands(path: str) -> bool:
     """Whether a file holds batch lines (``{"op": ...}``), not an export of envelopes."""
-    with open(path, "rb") as lines:
+    with open_file(path) as lines:
         for line in lines:
             if line.strip():
                 try:
@@ -109,7 +122,7 @@ async def import_commands(path: str, settings: Settings) -> int:
         principal = Principal("cli", "loyalty import", "admin")
         statuses: dict[int, int] = {}
         try:
-            with open(path, "rb") as lines, tqdm(
+            with open_file(path) as lines, tqdm(
                 total=os.path.getsize(path), unit="B", unit_scale=True, desc="import", file=sys.stderr
             ) as bar:
                 chunk: list[tuple[int, bytes]] = []

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
-from pathlib import Path
 
 from cli.session import database
-from events.codec import encode_json, parse_time
+from cli.usage import time_argument, toml_file
+from events.codec import encode_json
 from ledger import commands as cmd
 from ledger.application import Ledger
 from ledger.clock import system_clock
@@ -25,20 +24,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     programme = commands.add_parser("programme", help="show or change the programme (versions by date)")
     actions = programme.add_subparsers(dest="programme_command", required=True)
     show = actions.add_parser("show", help="the version in force now, or at --as-of")
-    show.add_argument("--as-of", type=parse_time, help="RFC 3339 time (default: now)")
+    show.add_argument("--as-of", type=time_argument, help="RFC 3339 time (default: now)")
     set_ = actions.add_parser("set", help="add a version from a TOML file of settings")
     set_.add_argument("file", help="TOML: the settings to change (the others carry over)")
-    set_.add_argument("--effective-from", type=parse_time, help="RFC 3339 time (default: now)")
+    set_.add_argument("--effective-from", type=time_argument, help="RFC 3339 time (default: now)")
 
 
 async def programme(args: argparse.Namespace, settings: Settings) -> int:
+    # Read before the database is opened, so a mistake in the file is told at once.
+    changes = toml_file(args.file) if args.programme_command == "set" else None
     async with database(settings) as (_url, pool, given):
         ledger = Ledger(EventStore(pool), given, system_clock, programme_file_given=settings.programme_path is not None)
         await ledger.refresh_rules()
         if args.programme_command == "show":
             print(encode_json(ledger.rules.programmes.version_at(args.as_of or system_clock()).view()).decode())
             return 0
-        changes = tomllib.loads(Path(args.file).read_text(encoding="utf-8"))
         command = cmd.ChangeProgramme(settings=changes, effective_from=args.effective_from)
         outcome = await ledger.execute_rules("programme_change", command, actor="command line")
     print(outcome.body.decode(), file=sys.stderr if outcome.is_problem else sys.stdout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -13,7 +12,8 @@ from tqdm import tqdm
 
 from cli import replay as replay_module
 from cli.session import database, stop_on_signals
-from events.codec import encode_json, parse_time
+from cli.usage import time_argument
+from events.codec import encode_json
 from ledger.clock import system_clock
 from ledger.settings import Settings
 from projections.runtime import (
@@ -31,16 +31,9 @@ from projections.runtime import (
 REBUILD_POLL_S = 0.1
 
 
-def _time(text: str) -> datetime:
-    try:
-        return parse_time(text)
-    except Exception:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time with an offset") from None
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     replay_ = commands.add_parser("replay", help="recompute balances and tiers from the log; compare with the projections")
-    replay_.add_argument("--as-of", type=_time, help="RFC 3339 time (default: now)")
+    replay_.add_argument("--as-of", type=time_argument, help="RFC 3339 time (default: now)")
     replay_.add_argument("--member", help="replay one member only")
     rebuild_ = commands.add_parser("rebuild", help="rebuild a projection beside the live one, then swap")
     rebuild_.add_argument("name", choices=sorted(PROJECTIONS))

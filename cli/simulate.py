@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import msgspec
 from tqdm import tqdm
 
 from cli.session import database
-from events.codec import encode_json, parse_time
+from cli.usage import json_file, time_argument
+from events.codec import encode_json
 from ledger import commands as cmd
 from ledger.application import Ledger
 from ledger.clock import system_clock
@@ -24,14 +24,14 @@ from ledger.store import EventStore
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     simulate_ = commands.add_parser("simulate", help="what changed settings and draft campaigns would have granted")
-    simulate_.add_argument("--from", dest="window_from", type=parse_time, required=True, help="RFC 3339 time")
-    simulate_.add_argument("--to", dest="window_to", type=parse_time, required=True, help="RFC 3339 time")
+    simulate_.add_argument("--from", dest="window_from", type=time_argument, required=True, help="RFC 3339 time")
+    simulate_.add_argument("--to", dest="window_to", type=time_argument, required=True, help="RFC 3339 time")
     simulate_.add_argument("changes", help='JSON: {"settings": {...}, "campaigns": [campaign bodies]}')
 
 
 async def simulate(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        changes = msgspec.json.decode(Path(args.changes).read_bytes(), type=cmd.SimulationChanges)
+        changes = json_file(args.changes, cmd.SimulationChanges)
         command = cmd.Simulate(from_=args.window_from, to=args.window_to, changes=changes)
     except msgspec.ValidationError as error:
         print(encode_json(problem(422, "validation_failed", str(error))).decode(), file=sys.stderr)

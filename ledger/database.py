@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,10 +256,19 @@ async def _apply_schema(conn: asyncpg.Connection) -> None:
     log.info("schema version %d applied", SCHEMA_VERSION)
 
 
+class DatabaseUnreachable(Exception):
+    """The database a command starts on cannot be connected to: the message names it (no password) and why."""
+
+
 async def open_database(url: str | None) -> tuple[str, asyncpg.Pool]:
     """The pool on ``url`` or the embedded server, with the schema applied; and the URL it resolved to."""
     resolved = await asyncio.to_thread(resolve_database_url, url)
-    pool = await create_pool(resolved)
+    try:
+        pool = await create_pool(resolved)
+    except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
+        shown = re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", resolved)
+        raise DatabaseUnreachable(f"cannot connect to the database at {shown} ({error}); check that it runs and "
+                                  "the URL is right, or unset DATABASE_URL for an embedded one") from error
     await apply_schema(pool)
     return resolved, pool
 

@@ -399,7 +399,7 @@ async def terminate_backends(database_url: str, application_name: str | None = N
 def run_cli(database_url: str, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``loyalty <args>`` on ``database_url`` (as `python -m service`), output captured."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
-    environment.update(DATABASE_URL=database_url, **(env or {}))
+    environment.update({"DATABASE_URL": database_url, **(env or {})})
     return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=timeout_s)
 
