@@ -52,8 +52,9 @@ async def serve(settings: Settings) -> None:
     # included), so a database failing after that never meets a start-up step that cannot retry.
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
-    log.info("loyalty ledger serving on http://%s:%d (programme version %d)", settings.host, settings.port,
-             programme.version)
+    ledger = app[LEDGER]
+    log.info("loyalty ledger serving on http://%s:%d (programme version %d in force)", settings.host, settings.port,
+             ledger.programme_at(ledger.clock()).version)
     stop = stop_on_signals()  # after runner.setup(), whose own handlers it replaces
     background = background_tasks(app[LEDGER], settings, url)
     await stop.wait()

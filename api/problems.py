@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import asyncpg
@@ -56,6 +57,7 @@ def outcome_response(outcome: Outcome) -> web.Response:
 
 
 _FIELD_AT = " - at `$."
+_ID_LONGEST = re.compile(r"(?:<= |\{1,)(\d+)")  # the bound in "of length <= 32" or "{1,32}"
 _MISSING = "missing required field `"
 
 
@@ -72,7 +74,9 @@ def validation_problem(error: msgspec.ValidationError) -> HttpProblem:
     named_id = leaf.endswith("_id") or leaf.endswith("_ref")
     # Or any field of the id type: referred_by (a member id), an activity's ref.
     if (("matching regex" in message or "length" in message) and named_id) or ID_PATTERN in message:
-        return HttpProblem(422, "invalid_id", f"{leaf} must be 1-64 characters of A-Z a-z 0-9 . _ : -", field=field_path)
+        longest = _ID_LONGEST.search(message)  # 64 for most ids; a campaign_id is at most 32
+        return HttpProblem(422, "invalid_id", f"{leaf} must be 1-{longest[1] if longest else 64} characters of "
+                           "A-Z a-z 0-9 . _ : -", field=field_path)
     return HttpProblem(422, "validation_failed", message, field=field_path)
 
 

@@ -16,6 +16,7 @@ from events.codec import encode_json
 from ledger import commands as cmd
 from ledger.application import Ledger
 from ledger.clock import system_clock
+from ledger.programme import file_settings
 from ledger.settings import Settings
 from ledger.store import EventStore
 
@@ -32,7 +33,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 async def programme(args: argparse.Namespace, settings: Settings) -> int:
     # Read before the database is opened, so a mistake in the file is told at once.
-    changes = toml_file(args.file) if args.programme_command == "set" else None
+    changes = file_settings(toml_file(args.file)) if args.programme_command == "set" else None
     async with database(settings) as (_url, pool, given):
         ledger = Ledger(EventStore(pool), given, system_clock, programme_file_given=settings.programme_path is not None)
         await ledger.refresh_rules()

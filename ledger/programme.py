@@ -212,9 +212,13 @@ def load_programme(path: str | os.PathLike[str] | None = None) -> Programme:
     """
     if not path:
         return Programme()
-    settings = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
-    settings.pop("version", None)
-    return msgspec.convert(settings, Programme)
+    return msgspec.convert(file_settings(tomllib.loads(Path(path).read_bytes().decode("utf-8"))), Programme)
+
+
+def file_settings(table: dict[str, Any]) -> dict[str, Any]:
+    """The settings a programme file holds: its table without a ``version``, which the log counts
+    (CONTRACT §6.1: "a `version` in the file is ignored")."""
+    return {name: value for name, value in table.items() if name != "version"}
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,13 @@ class ProgrammeHistory:
     @property
     def latest(self) -> ProgrammeVersion | None:
         return self.versions[-1] if self.versions else None
+
+    @property
+    def latest_effective(self) -> ProgrammeVersion | None:
+        """The version in force last, the one a change builds on (CONTRACT §6.1's "latest version"): the latest
+        ``effective_from``, of equal ones the later recorded. It is the last recorded too, unless a file given
+        at start was appended, effective then, while a version was already scheduled for later."""
+        return max(self.versions, key=_effective_key, default=None)
 
     def evolve(self, event: ProgrammeChanged, recorded_at: datetime | None = None, actor: str | None = None) -> None:
         programme = msgspec.convert({**event.settings, "version": event.version}, Programme)
@@ -284,14 +295,17 @@ def decide_seed(history: ProgrammeHistory, given: Programme, now: datetime):
 
 
 def decide_change(history: ProgrammeHistory, changes: dict[str, Any], effective_from: datetime | None, now: datetime):
-    """``PUT /v1/programme``: each setting named replaces that whole setting of the latest version;
-    settings are checked before ``effective_from`` (CONTRACT §6.1)."""
-    latest = history.latest
-    assert latest is not None, "the programme is seeded at start"
-    programme = validated({**latest.settings, **changes}, latest.version + 1)
+    """``PUT /v1/programme``: each setting named replaces that whole setting of the latest version (the one in
+    force last); settings are checked before ``effective_from`` (CONTRACT §6.1)."""
+    latest = history.latest_effective
+    assert latest is not None and history.latest is not None, "the programme is seeded at start"
+    programme = validated({**latest.settings, **changes}, history.latest.version + 1)
     effective_from = effective_from or now
     if effective_from < now - PAST_TOLERANCE:
-        raise Refusal(422, "effective_from_in_past", "effective_from is before now", field="effective_from")
+        minutes = PAST_TOLERANCE.seconds // 60
+        raise Refusal(422, "effective_from_in_past", f"effective_from is more than {minutes} minutes in the past; "
+                      "a version changes only what comes after it (leave effective_from out for now)",
+                      field="effective_from")
     if latest.effective_from is not None and effective_from < latest.effective_from:
         raise Refusal(
             422,

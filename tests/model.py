@@ -195,7 +195,9 @@ class Model:
         return max(effective, key=lambda v: (v[0], v[1]))[2]
 
     def change_programme(self, settings: dict, effective_from: datetime | None = None):
-        latest_from, latest = self.versions[-1]
+        # The version in force last (the latest effective_from, then the later one) is the one a change builds on.
+        last_in_force = max(range(len(self.versions)), key=lambda n: (self.versions[n][0] or EARLIEST, n))
+        latest_from, latest = self.versions[last_in_force]
         merged = {**msgspec.to_builtins(latest), **settings}
         effective_from = effective_from or self.now
         if effective_from < self.now - FUTURE_TOLERANCE or (latest_from is not None and effective_from < latest_from):

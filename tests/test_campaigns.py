@@ -347,8 +347,8 @@ async def test_loyalty_programme_show_and_set(shop, database_url, tmp_path):
     code, out, err = await loyalty(database_url, "programme", "show")
     assert code == 0, err
     assert json.loads(out)["version"] == 1
-    changes = tmp_path / "double.toml"
-    changes.write_text("earn_cents_per_point = 500\n[member_day]\nweekday = \"monday\"\nmultiplier_pct = 300\n")
+    changes = tmp_path / "double.toml"  # its version is ignored, as at start (CONTRACT §6.1)
+    changes.write_text("version = 99\nearn_cents_per_point = 500\n[member_day]\nweekday = \"monday\"\nmultiplier_pct = 300\n")
     code, out, err = await loyalty(database_url, "programme", "set", str(changes), "--effective-from", "2099-01-01T00:00:00Z")
     assert code == 0, err
     assert json.loads(out)["version"] == 2 and json.loads(out)["effective_from"] == "2099-01-01T00:00:00Z"

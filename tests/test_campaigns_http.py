@@ -116,6 +116,8 @@ async def test_campaign_refusals_have_the_contract_s_codes_and_append_nothing(ap
     for body, status, code in cases:
         got, answer, _ = await api.post("/v1/campaigns", body, role="admin")
         assert (got, answer["code"]) == (status, code), (body, answer)
+        if body["campaign_id"] == "x" * 33:
+            assert "1-32 characters" in answer["detail"], answer  # a campaign's bound, not other ids' 64
     for path, status, code in [("/v1/campaigns/nope/end", 404, "campaign_not_found"),
                                (f"/v1/campaigns/{'y' * 33}/end", 422, "invalid_id")]:
         got, answer, _ = await api.post(path, {"reason": "r"}, role="admin")

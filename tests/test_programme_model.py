@@ -19,11 +19,11 @@ import abc
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import msgspec
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
-import msgspec
 
 from events import catalogue as ev
 from ledger import commands as cmd
@@ -1088,3 +1088,19 @@ TestReferrals = Referrals.TestCase
 TestReferrals.settings = VARIANT
 TestShortClocks = ShortClocks.TestCase
 TestShortClocks.settings = VARIANT
+
+
+def test_a_change_builds_on_the_version_in_force_last_when_a_start_file_came_after_a_scheduled_one():
+    """A file given at start is appended effective then, even after a version scheduled for later: a change
+    then builds on the scheduled one, and may not come before it (CONTRACT §6.1's "latest version")."""
+    now = datetime(2025, 1, 7, 2, 0, tzinfo=timezone.utc)
+    history = ProgrammeHistory()
+    history.evolve(decide_seed(history, Programme(), now))
+    history.evolve(decide_change(history, {"pending_days": 3}, now + timedelta(days=10), now))
+    history.evolve(decide_seed(history, Programme(points_expiry_days=100), now + timedelta(days=1)))  # a restart with a file
+    assert [v.version for v in history.versions] == [1, 2, 3]
+    with pytest.raises(Refusal) as refused:
+        decide_change(history, {"earn_cents_per_point": 50}, now + timedelta(days=5), now + timedelta(days=1))
+    assert refused.value.code == "effective_from_in_past"
+    change = decide_change(history, {"earn_cents_per_point": 50}, now + timedelta(days=11), now + timedelta(days=1))
+    assert change.version == 4 and change.settings["pending_days"] == 3 and change.settings["earn_cents_per_point"] == 50
