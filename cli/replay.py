@@ -55,8 +55,13 @@ class ReplayReport:
     def summary(self) -> str:
         compared = ", ".join(f"{name} at {position}" for name, position in self.positions.items())
         verdict = "agree" if self.ok else f"DISAGREE in {len(self.mismatches)} place(s)"
-        return (f"replayed {self.members_checked} member(s) as of {self.as_of.isoformat()}; log head {self.head};"
-                f" projections ({compared}) {verdict} with the log")
+        summary = (f"replayed {self.members_checked} member(s) as of {self.as_of.isoformat()}; log head {self.head};"
+                   f" projections ({compared}) {verdict} with the log")
+        behind = [name for name, position in self.positions.items() if position < self.head]
+        if behind:  # an agreement on part of the log is no verdict on the rest
+            summary += (f"; {', '.join(behind)} not caught up: only the events they have applied were compared"
+                        " (run `loyalty serve` or `loyalty project` until they reach the head, then replay again)")
+        return summary
 
 
 def differences(what: str, from_log: Any, from_projection: Any) -> list[str]:
