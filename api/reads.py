@@ -109,8 +109,12 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 def event_types(request: web.Request) -> list[str] | None:
     """The ``type`` filter of the feed (repeated or comma-separated); an unknown type is refused, not an empty page."""
-    types = [t for t in request.query.getall("type", []) for t in t.split(",") if t] or None
-    unknown = sorted(set(types or ()) - EVENT_TYPES.keys())
+    given = [t for t in request.query.getall("type", []) for t in t.split(",")]
+    if "" in given:  # as an empty after= is: a client that meant a type but sent none is told so
+        raise HttpProblem(422, "validation_failed", "type is an event type (or several, comma-separated); "
+                          "leave it out for every type", field="type")
+    types = given or None
+    unknown = sorted(set(given) - EVENT_TYPES.keys())
     if unknown:
         raise HttpProblem(422, "validation_failed", f"unknown event type {unknown[0][:64]!r}; the types are "
                           f"{', '.join(sorted(EVENT_TYPES))}", field="type")

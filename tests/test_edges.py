@@ -46,6 +46,9 @@ async def test_an_unknown_event_type_is_refused_not_an_empty_page(api):
     assert (status, problem["code"], problem["field"]) == (422, "validation_failed", "type"), problem
     status, problem, _ = await api.get("/v1/events", role="auditor", type="member_enrolled,nonsense")
     assert status == 422, problem
+    for empty in ("", "member_enrolled,"):
+        status, problem, _ = await api.get("/v1/events", role="auditor", type=empty)
+        assert (status, problem["field"]) == (422, "type"), problem
     status, page, _ = await api.get("/v1/events", role="auditor", type="member_enrolled")
     assert status == 200 and [e["type"] for e in page["events"]] == ["member_enrolled"]
 
