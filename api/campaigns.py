@@ -30,7 +30,8 @@ def _campaign_id(value: str, name: str = "campaign_id") -> str:
 
 
 async def post_campaign(request: web.Request) -> web.StreamResponse:
-    return await _change(request, "campaign_create", await decode_command(request, "campaign_create", cmd.CreateCampaign))
+    command = await decode_command(request, "campaign_create", cmd.CreateCampaign)
+    return await _change(request, "campaign_create", command)
 
 
 async def end_campaign(request: web.Request) -> web.StreamResponse:

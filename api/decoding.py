@@ -110,7 +110,7 @@ def query_time(request: web.Request, name: str, default: datetime) -> datetime:
     except (ValueError, msgspec.ValidationError):
         raise HttpProblem(422, "validation_failed", f"{name} must be an RFC 3339 time with offset", field=name) from None
     if (why := as_of_problem(moment)) is not None:
-        raise HttpProblem(422, "validation_failed", f"{name} {why}", field=name)
+        raise HttpProblem(422, "validation_failed", f"{name} must be a time that {why}", field=name)
     return moment
 
 
