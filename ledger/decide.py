@@ -62,17 +62,20 @@ def command_time(command: cmd.Command, now: datetime) -> datetime:
     return given or getattr(command, "as_of", None) or now
 
 
-def business_time(given: datetime | None, programme: Programme, now: datetime) -> datetime:
-    """The command's occurred_at (default now), within the contract's window."""
+def business_time(given: datetime | None, programme: Programme, now: datetime, name: str = "occurred_at") -> datetime:
+    """The command's occurred_at (default now), within the contract's window; ``name`` is the field that gave it
+    (enrolment calls it ``enrolled_at``), named in a refusal."""
     if given is None:
         return now
     if given > now + FUTURE_TOLERANCE:
-        raise Refusal(422, "occurred_at_in_future", "occurred_at is more than 5 minutes ahead of the server clock")
+        raise Refusal(422, "occurred_at_in_future", f"{name} is more than 5 minutes ahead of the server clock",
+                      field=name)
     if given < now - timedelta(days=programme.max_backdate_days):
         raise Refusal(
             422,
             "occurred_at_too_old",
-            f"occurred_at is more than max_backdate_days ({programme.max_backdate_days}) in the past",
+            f"{name} is more than max_backdate_days ({programme.max_backdate_days}) in the past",
+            field=name,
         )
     return given
 
@@ -153,7 +156,7 @@ def _enrol(state: MemberState, command: cmd.Enrol, programme: Programme, now: da
     assert command.member_id, "the application assigns a member_id before deciding"
     if command.referred_by == command.member_id:
         raise Refusal(422, "self_referral", "a member cannot refer itself", field="referred_by")
-    at = business_time(command.enrolled_at, programme, now)
+    at = business_time(command.enrolled_at, programme, now, "enrolled_at")
     seen = set()
     for identity in command.identities:
         if (identity.type, identity.value) in seen:

@@ -124,7 +124,10 @@ async def test_time_checks_refuse_future_and_too_old_business_times(api):
     status, problem, _ = await api.purchase("m1", "p1", 100, occurred_at="2025-01-07T02:06:00Z")
     assert status == 422 and problem["code"] == "occurred_at_in_future"
     status, problem, _ = await api.purchase("m1", "p1", 100, occurred_at="2024-12-01T00:00:00Z")
-    assert status == 422 and problem["code"] == "occurred_at_too_old"
+    assert status == 422 and problem["code"] == "occurred_at_too_old" and problem["field"] == "occurred_at"
+    status, problem, _ = await api.post("/v1/members", {"member_id": "m2", "enrolled_at": "2024-12-01T00:00:00Z"})
+    assert (status, problem["code"], problem["field"]) == (422, "occurred_at_too_old", "enrolled_at"), problem
+    assert problem["detail"].startswith("enrolled_at is more than")
     assert await api.head() == head
 
 
