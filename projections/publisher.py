@@ -570,6 +570,9 @@ def describe_failure(failure: Exception, config: PublisherConfig) -> str:
         return str(failure)
     if isinstance(failure, (OSError, nats.errors.Error)) and not isinstance(failure, nats.js.errors.APIError):
         return f"NATS at {where}: {type(failure).__name__} {failure}".rstrip()
+    if isinstance(failure, nats.js.errors.ServiceUnavailableError) and failure.description is None:
+        # What a NATS without JetStream answers: nobody serves the JetStream API's subjects.
+        return f"NATS at {where} has no JetStream: start nats-server with -js (or enable jetstream in its config)"
     if isinstance(failure, nats.js.errors.APIError):
         return f"JetStream at {where} answered: {failure.description} (err_code {failure.err_code})"
     return f"{type(failure).__name__}: {failure}"

@@ -36,7 +36,8 @@ async def _quiet(_error: Exception) -> None:
 
 
 class NatsServer:
-    def __init__(self) -> None:
+    def __init__(self, jetstream: bool = True) -> None:
+        self.jetstream = jetstream  # False: a plain NATS, as a misconfigured deployment may give
         self.port = free_port()
         self.store_dir = Path(tempfile.mkdtemp(prefix="loyalty-nats-"))
         self.log_path = self.store_dir / "nats-server.log"
@@ -48,15 +49,16 @@ class NatsServer:
 
     async def start(self) -> "NatsServer":
         assert self.process is None or self.process.poll() is not None, "already running"
+        jetstream = ["-js", "-sd", str(self.store_dir / "js")] if self.jetstream else []
         self.process = subprocess.Popen(
-            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir / "js"),
-             "-l", str(self.log_path)],
+            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), *jetstream, "-l", str(self.log_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        await self._wait_for_jetstream()
+        await self._wait_until_serving()
         return self
 
-    async def _wait_for_jetstream(self) -> None:
+    async def _wait_until_serving(self) -> None:
+        """Until a client connects, and with JetStream, until JetStream answers."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             assert self.process is not None and self.process.poll() is None, f"nats-server exited:\n{self.log()}"
@@ -64,7 +66,8 @@ class NatsServer:
                 nc = await nats.connect(self.url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=1,
                                         reconnect_time_wait=0, error_cb=_quiet)
                 try:
-                    await nc.jetstream().account_info()
+                    if self.jetstream:
+                        await nc.jetstream().account_info()
                     return
                 finally:
                     await nc.close()

@@ -23,6 +23,7 @@ from events.codec import encode_json
 from ledger.store import read_envelopes
 from projections import publisher as pub
 from projections.publisher import Publisher, PublisherConfig
+from tests.nats_server import NatsServer
 from tests.test_projections_support import Shop
 
 pytestmark = pytest.mark.asyncio
@@ -350,6 +351,17 @@ async def test_an_unreachable_url_is_a_failed_state_with_the_reason_and_no_crash
     status = await pub.status(pool)
     assert status["state"] == "failed" and config.url in status["reason"]
     assert any("cannot reach NATS" in r.getMessage() for r in caplog.records if r.name == "loyalty.publisher")
+
+
+async def test_a_nats_without_jetstream_is_a_failed_state_that_says_so(pool, database_url):
+    plain = await NatsServer(jetstream=False).start()
+    try:
+        async with running(Publisher(connector(database_url), PublisherConfig(url=plain.url))) as task:
+            await eventually(lambda: state_is(pool, "failed", "has no JetStream: start nats-server with -js"),
+                             what="the failed state")
+            assert not task.done()
+    finally:
+        plain.close()
 
 
 async def test_a_stream_with_other_subjects_is_a_failed_state_until_it_is_fixed(pool, nats_server, database_url, caplog):
