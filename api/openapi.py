@@ -47,7 +47,7 @@ def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
     components["Problem"] = PROBLEM_SCHEMA
     paths: dict[str, Any] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schema_of, components)
+        paths.setdefault(_template(route.path), {})[route.method.lower()] = _operation(route, schema_of, components)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Loyalty ledger", "version": "1"},
@@ -94,10 +94,15 @@ def _name(schema: dict[str, Any]) -> str:
     return schema.get("$ref", "value").rsplit("/", 1)[-1]
 
 
+def _template(path: str) -> str:
+    """A route's path as OpenAPI writes it: ``{page}``, not aiohttp's ``{page:.*}`` with its pattern."""
+    return re.sub(r"{(\w+):[^}]*}", r"{\1}", path)
+
+
 def _parameters(route: Route) -> list[dict[str, Any]]:
     overrides = route.parameter_schemas
     path = [{"name": name, "in": "path", "required": True, "schema": overrides.get(name, ID_SCHEMA)}
-            for name in re.findall(r"{(\w+)}", route.path)]
+            for name in re.findall(r"{(\w+)}", _template(route.path))]
     query = [{"name": name, "in": "query", "schema": overrides[name] if name in overrides else QUERY_SCHEMAS[name]}
              for name in route.query + (("dry_run",) if route.dry_run else ())]
     headers = [{"name": name, "in": "header", "schema": HEADER_SCHEMAS[name]} for name in route.headers]

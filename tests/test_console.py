@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from ledger.database import run_blocking
-from tests.service_process import ROOT, Client, FaultyProxy, ServiceProcess
+from tests.service_process import ROOT, Client, FaultyProxy, ServiceProcess, free_port
 from tests.service_process import wait_for_projections as projections_caught_up
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -81,14 +81,27 @@ def write(service: ServiceProcess, key: str, path: str, body: dict, **query) -> 
     return answer
 
 
-def every_line(service: ServiceProcess, key: str, member_id: str) -> list[dict]:
-    lines, after = [], None
+def read_all(service: ServiceProcess, key: str, path: str, listed: str) -> list[dict]:
+    """Every item of a paged read (`after`, `next_after`)."""
+    items, after = [], None
     while True:
-        page = read(service, key, f"/v1/members/{member_id}/ledger", limit=1000, **({"after": after} if after else {}))
-        lines += page["lines"]
+        page = read(service, key, path, limit=1000, **({"after": after} if after else {}))
+        items += page[listed]
         after = page["next_after"]
         if after is None:
-            return lines
+            return items
+
+
+def every_line(service: ServiceProcess, key: str, member_id: str) -> list[dict]:
+    return read_all(service, key, f"/v1/members/{member_id}/ledger", "lines")
+
+
+def every_event(service: ServiceProcess, key: str, member_id: str) -> list[dict]:
+    return read_all(service, key, f"/v1/members/{member_id}/events", "events")
+
+
+def yuan(cents: int) -> str:
+    return f"¥{cents // 100}.{cents % 100:02d}"
 
 
 def stamp(moment: datetime) -> str:
@@ -184,11 +197,12 @@ def seeded(service):
 
 
 def seed_a_campaign(service: ServiceProcess, admin: str) -> None:
-    """A campaign with a budget, part of it granted, when the server offers campaigns (§6.2)."""
+    """A campaign with a budget and a condition in cents, part of it granted, when the server offers
+    campaigns (§6.2)."""
     now = datetime.now(timezone.utc)
     campaign = {"campaign_id": "dbl", "name": "Double points", "starts_at": stamp(now - timedelta(minutes=1)),
                 "ends_at": stamp(now + timedelta(days=30)), "reward": {"kind": "multiplier", "multiplier_pct": 200},
-                "budget_points": 1000}
+                "budget_points": 1000, "conditions": {"min_amount_cents": 200_00}}
     status, answer = call(service, admin, "POST", "/v1/campaigns", json.dumps(campaign).encode())
     if status == 404:  # not on this server: the page must say so (test_operations_pages_…)
         return
@@ -196,6 +210,14 @@ def seed_a_campaign(service: ServiceProcess, admin: str) -> None:
     write(service, admin, "/v1/members", {"member_id": "m-camp", "identities": []})
     write(service, admin, "/v1/members/m-camp/purchases", {"purchase_id": "c1", "store_id": "s-001",
                                                             "amount_cents": 300_00})
+
+
+def wait_for_recovery(service: ServiceProcess, key: str) -> None:
+    """Until the service answers a database read again after an outage: it recovers by itself."""
+    deadline = time.monotonic() + 30
+    while call(service, key, "GET", "/v1/programme/liability")[0] != 200:
+        assert time.monotonic() < deadline, "the service did not recover from the outage"
+        time.sleep(0.1)
 
 
 def wait_for_projections(service: ServiceProcess, key: str) -> None:
@@ -338,6 +360,130 @@ def test_the_whole_trail_is_read_page_after_page(page, service, seeded):
     assert page.locator(".refusal[data-status='403']").count() == 1
 
 
+def test_an_as_of_the_api_refuses_greys_no_line_and_says_nothing_of_greying(page, service, seeded):
+    member, key = seeded["member"], seeded["keys"]["reader"]
+    sign_in(page, service, key, f"/console/members/{member}?as_of=yesterday")
+    page.locator("body[data-ready]").wait_for()
+    assert page.locator(".refusal[data-status='422']").count() == 1, "the API's refusal of the time is shown"
+    assert page.locator("[data-row=ledger]").count() == len(every_line(service, key, member))
+    assert page.locator("tr.later").count() == 0 and "greyed" not in page.locator("#page").inner_text()
+    # A time the API accepts greys the lines dated after it, and says so.
+    page.goto(f"{service.url}/console/members/{member}?as_of={seeded['as_of']}")
+    page.locator("body[data-ready]").wait_for()
+    later = [line for line in every_line(service, key, member) if line["occurred_at"] > seeded["as_of"]]
+    assert page.locator("tr.later").count() == len(later) > 0
+    assert "are greyed" in page.locator("#page").inner_text()
+
+
+def test_big_streams_load_further_lines_and_events_on_demand(context, service, seeded):
+    context.add_init_script("window.consolePagesAtOnce = 1")  # one page of 500 at once, not 40
+    page = context.new_page()
+    member, key = seeded["many"], seeded["keys"]["auditor"]
+    sign_in(page, service, key, f"/console/members/{member}")
+    page.locator("body[data-ready]").wait_for()
+    lines, events = every_line(service, key, member), every_event(service, key, member)
+    assert len(lines) == MANY_LINES and len(events) > 500
+    assert page.locator("[data-count=lines]").inner_text() == "500 lines so far; load further lines below."
+    page.get_by_role("button", name="Load further lines").click()
+    page.locator(f"[data-count=lines]:text-is('{len(lines)} lines.')").wait_for()
+    assert page.locator("[data-row=ledger]").count() == len(lines)
+    last_event = page.locator("[data-row=ledger] a").last.get_attribute("href")
+    assert last_event == f"#event-{lines[-1]['position']}" and page.locator(last_event).count() == 0
+    assert page.locator("[data-count=events]").inner_text() == "500 events so far; load further events below."
+    for _ in range(len(events) // 500):  # a page of 500 a click
+        page.get_by_role("button", name="Load further events").click()
+    page.locator(f"[data-count=events]:text-is('{len(events)} events.')").wait_for()
+    assert page.locator("[data-row=event]").count() == len(events)
+    page.click(f"[data-row=ledger] a[href='{last_event}']")  # the last line's event is there now
+    assert page.locator(f"{last_event}:target").count() == 1
+
+
+def test_money_in_programme_settings_and_campaign_conditions_reads_as_yuan(page, service, seeded):
+    key = seeded["keys"]["auditor"]
+    sign_in(page, service, key, "/console/programme")
+    page.locator("body[data-ready]").wait_for()
+    settings = read(service, key, "/v1/programme")["settings"]
+    text = page.locator("#page").inner_text()
+    referral = settings["referral"]
+    assert f"min_first_purchase_cents: {yuan(referral['min_first_purchase_cents'])}" in text
+    assert f"value_cents: {yuan(settings['birthday_coupon']['value_cents'])}" in text  # nested objects too
+    welcome = settings["welcome_pack"][0]  # and each item of a list, on a line of its own
+    assert f"value_cents: {yuan(welcome['value_cents'])} · min_spend_cents: {yuan(welcome['min_spend_cents'])}" in text
+    assert f"earn_cents_per_point: {yuan(settings['earn_cents_per_point'])} per point" in text
+    assert "{" not in text and '"' not in text, "no raw JSON"
+    status, campaigns = call(service, key, "GET", "/v1/campaigns")
+    if status == 404:  # a server without campaigns: test_operations_pages_… checks its refusal
+        return
+    page.goto(service.url + "/console/campaigns")
+    page.locator("body[data-ready]").wait_for()
+    conditions = campaigns["campaigns"][0]["conditions"]
+    assert page.locator("[data-row=campaign] [data-name=min_amount_cents]").inner_text() == \
+        f"min_amount_cents: {yuan(conditions['min_amount_cents'])}"
+
+
+def test_the_verify_button_is_offered_only_to_roles_that_may_verify(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"], "/console/verify")
+    page.locator("body[data-ready]").wait_for()
+    assert page.locator("button", has_text="Verify the hash chain").is_disabled()
+    roles = read(service, seeded["keys"]["reader"], "/openapi.json")["paths"]["/v1/audit/verify"]["get"]["x-roles"]
+    assert shown(page, "verify_refused") == \
+        f"This key's role (reader) may not verify the chain: GET /v1/audit/verify admits {' and '.join(roles)}."
+
+
+def test_projections_show_the_publishers_reason_and_only_a_read_that_worked_its_time(
+        browser, service, database, seeded):
+    key = seeded["keys"]["auditor"]
+    # A second service on the same database, publishing to a NATS that is not there: its publisher fails.
+    publishing = ServiceProcess(database.proxy.proxied_url,
+                                env={**service.extra_env, "LOYALTY_NATS_URL": f"nats://127.0.0.1:{free_port()}"})
+    run_blocking(publishing.start)
+    recorded = Recorded(publishing)
+    context = browser.new_context(viewport=LAPTOP)
+    context.route("**/*", recorded.route)
+    try:
+        reason = failed_publisher_reason(publishing, key)
+        page = context.new_page()
+        sign_in(page, publishing, key, "/console/projections")
+        page.locator("body[data-ready]").wait_for()
+        assert shown(page, "reason") == reason
+        assert shown(page, "read_at").startswith("Read at ")
+        database.down()
+        try:
+            page.reload()
+            page.locator(".refusal[data-status='503']").wait_for()
+            said = shown(page, "read_at")
+            assert said.startswith("The read at ") and "failed" in said and "Read at" not in said, said
+        finally:
+            database.up()
+        wait_for_recovery(publishing, key)
+    finally:
+        context.close()
+        publishing.close()
+    assert recorded.foreign == []
+
+
+def failed_publisher_reason(service: ServiceProcess, key: str) -> str:
+    """The reason GET /v1/projections gives once the publisher entry is failed."""
+    deadline = time.monotonic() + 10
+    while True:
+        publisher = [p for p in read(service, key, "/v1/projections")["projections"] if p["name"] == "publisher"]
+        if publisher and publisher[0]["state"] == "failed":
+            return publisher[0]["reason"]
+        assert time.monotonic() < deadline, f"the publisher did not fail: {publisher}"
+        time.sleep(0.1)
+
+
+def test_every_path_below_console_is_the_page_which_says_when_it_has_no_such_page(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["reader"], "/console/")  # a trailing slash: the start page
+    page.locator("[data-field=role]").wait_for()
+    page.goto(f"{service.url}/console/members/{seeded['member']}/")
+    page.locator("[data-field=available]").wait_for()
+    for path in ("/console/foo/bar", f"/console/members/{seeded['member']}/extra"):
+        page.goto(service.url + path)
+        page.get_by_role("heading", name="No such page").wait_for()
+        assert page.get_by_role("link", name="Back to the console").get_attribute("href") == "/console"
+
+
 def test_a_member_is_found_by_an_identity(page, service, seeded):
     sign_in(page, service, seeded["keys"]["reader"])
     page.select_option("select[name=by]", "card")
@@ -416,10 +562,7 @@ def test_a_database_outage_is_told_as_503_with_when_to_retry(page, service, data
         assert "503" in refusal.inner_text() and "Retry after" in refusal.inner_text()
     finally:
         database.up()
-    deadline = time.monotonic() + 30
-    while call(service, key, "GET", "/v1/programme/liability")[0] != 200:  # the service recovers by itself
-        assert time.monotonic() < deadline, "the service did not recover from the outage"
-        time.sleep(0.1)
+    wait_for_recovery(service, key)
     page.reload()
     page.locator("[data-chart=liability][data-rendered]").wait_for()
 

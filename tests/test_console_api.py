@@ -34,7 +34,8 @@ async def test_the_current_key_is_named_with_its_role_for_every_role(api):
 
 async def test_every_console_page_is_the_shell_served_without_a_key(api):
     shell = (STATIC / SHELL).read_bytes()
-    for path in ("/console", "/console/liability", "/console/members/m-1", "/console/verify"):
+    for path in ("/console", "/console/", "/console/liability", "/console/members/m-1", "/console/members/m-1/",
+                 "/console/verify", "/console/foo/bar", "/console/members/m-1/extra", "/console/assets/a/b"):
         response = await api.client.get(path)
         assert response.status == 200 and await response.read() == shell, path
         assert response.headers["Content-Type"] == "text/html; charset=utf-8"

@@ -96,15 +96,18 @@ async def current_key(request: web.Request) -> web.StreamResponse:
     return json_response(CurrentKey(principal.key_id, principal.name, principal.role))
 
 
-# The pages are the shell, whatever the name or id: the page reads its own path, says when it has no
-# such page, and shows the API's refusal of a member id (422 or 404).
+# The pages are the shell, whatever the path below /console (CONTRACT §8: `/console/`, `/console/a/b`,
+# `/console/members/m-1/` too): the page reads its own path, says when it has no such page, and shows
+# the API's refusal of a member id (422 or 404). Only /console/assets/{name} (a single name) is files.
+_PATH = {"type": "string"}  # empty or with slashes: {page:.*}
 _ANY_NAME = {"type": "string", "minLength": 1}
-_PAGE = {"answer_media": None, "errors": (), "parameter_schemas": {"page": _ANY_NAME, "member_id": _ANY_NAME}}
+_PAGE = {"answer_media": None, "errors": (), "parameter_schemas": {"page": _PATH, "member_id": _ANY_NAME}}
 ROUTES = [
     Route("GET", "/v1/api-keys/me", current_key, frozenset(ROLES), "The calling key's id, name and role",
           answer=CurrentKey, errors=(401, 429, 503)),
     Route("GET", "/console", console_page, None, "The console (a web page; CONTRACT §8)", **_PAGE),
-    Route("GET", "/console/{page}", console_page, None, "A page of the console", **_PAGE),
+    Route("GET", "/console/{page:.*}", console_page, None, "A page of the console (any path below /console)", **_PAGE),
+    # Served by the route above too; listed for /openapi.json, which names the member page's address.
     Route("GET", "/console/members/{member_id}", console_page, None, "A member's page in the console", **_PAGE),
     Route("GET", "/console/assets/{name}", console_asset, None, "A file of the console (script, style, chart library)",
           answer_media=None, errors=(404,)),

@@ -12,7 +12,7 @@ const PAGES = [
   [/^\/console\/campaigns\/?$/, () => import("./ops.js").then((m) => m.campaigns())],
   [/^\/console\/programme\/?$/, () => import("./ops.js").then((m) => m.programme())],
   [/^\/console\/projections\/?$/, () => import("./ops.js").then((m) => m.projections())],
-  [/^\/console\/verify\/?$/, () => import("./ops.js").then((m) => m.verify())],
+  [/^\/console\/verify\/?$/, (match, who) => import("./ops.js").then((m) => m.verify(who))],
 ];
 
 function markCurrentLink() {
@@ -40,15 +40,16 @@ async function show() {
     replace(page(), signInForm(show));
     return;
   }
+  let who;
   try {
-    await showWho();
+    who = await showWho();
   } catch (refusal) {
     if (refusal.status === 401) session.forget();
     replace(page(), refusalBox(refusal), session.key() ? null : signInForm(show));
     return;
   }
   const [match, draw] = found;
-  await draw(match);
+  await draw(match, who);
   document.body.dataset.ready = "true"; // every read of the page has answered (a hook for tests)
 }
 

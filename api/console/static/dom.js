@@ -1,4 +1,5 @@
 // Building the page from data: text always goes in as text (never as HTML).
+import { field } from "./format.js";
 
 export function h(tag, attributes = {}, ...children) {
   const element = document.createElement(tag);
@@ -47,4 +48,27 @@ export function figures(items) {
   return h("dl", { class: "figures" },
     items.map(([label, value, field, size]) => h("div", {}, h("dt", {}, label),
       h("dd", { "data-field": field, class: size || null }, value))));
+}
+
+// An object the API answered (programme settings, campaign conditions) as "name: value" lines, money
+// in yuan: a nested object is indented below its name, a list of objects has one line per item.
+export function fieldList(object) {
+  return h("ul", { class: "fields" }, Object.entries(object).map(([name, value]) =>
+    h("li", { "data-name": name }, h("span", { class: "name" }, name), ": ", fieldValue(name, value))));
+}
+
+function fieldValue(name, value) {
+  if (isObject(value)) return fieldList(value);
+  if (Array.isArray(value) && value.some(isObject)) {
+    return h("ol", { class: "fields" }, value.map((item) => h("li", {}, isObject(item) ? oneLine(item) : field(name, item))));
+  }
+  return field(name, value);
+}
+
+function oneLine(object) {
+  return Object.entries(object).map(([name, value]) => `${name}: ${field(name, value)}`).join(" · ");
+}
+
+function isObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
 }

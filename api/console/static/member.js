@@ -5,7 +5,9 @@ import { figures, h, page, replace, table, tableRow } from "./dom.js";
 import { points, text, time, yuan } from "./format.js";
 import { asOfForm, fill, refusalBox } from "./shell.js";
 
-const MAX_PAGES_AT_ONCE = 40; // 20,000 lines, then a button loads further ones
+// 40 pages of 500 (20,000 rows) at once, then a button loads further ones. The browser tests lower it
+// (window.consolePagesAtOnce, set before the page loads) to reach the button without 20,000 events.
+const PAGES_AT_ONCE = window.consolePagesAtOnce || 40;
 
 export async function member(memberId) {
   const asOf = new URLSearchParams(window.location.search).get("as_of") || "";
@@ -28,9 +30,10 @@ export async function member(memberId) {
     return;
   }
   replace(header, heading(profile));
+  const atTime = balanceAndTierAt(base, profile, asOf);
   await Promise.all([
-    fill(slots.figures, "the balance and tier", () => balanceAndTier(base, profile, asOf)),
-    fill(slots.ledger, "the ledger trail", () => ledger(base, asOf)),
+    fill(slots.figures, "the balance and tier", async () => balanceAndTier(...await atTime)),
+    fill(slots.ledger, "the ledger trail", async () => ledger(base, await greyAfter(atTime, asOf))),
     fill(slots.coupons, "the coupons", () => coupons(base)),
     fill(slots.events, "the events", () => events(base)),
   ]);
@@ -50,10 +53,26 @@ function heading(profile) {
 }
 
 // Now: the profile's own balance and tier; as of a date: the balance and tier reads at that date.
-async function balanceAndTier(base, profile, asOf) {
-  const [balance, tier] = asOf
-    ? await Promise.all([get(`${base}/balance`, { as_of: asOf }), get(`${base}/tier`, { as_of: asOf })])
-    : [profile.balance, profile.tier];
+function balanceAndTierAt(base, profile, asOf) {
+  return asOf
+    ? Promise.all([get(`${base}/balance`, { as_of: asOf }), get(`${base}/tier`, { as_of: asOf })])
+    : Promise.resolve([profile.balance, profile.tier]);
+}
+
+// The time after which ledger lines are greyed: the as_of the API accepted and answered with (it, not
+// the page, decides which times are valid); null when none was asked for or the API refused it.
+async function greyAfter(atTime, asOf) {
+  if (!asOf) return null;
+  try {
+    const [balance] = await atTime;
+    return balance.as_of;
+  } catch (refusal) {
+    if (refusal.status === undefined) throw refusal;
+    return null;
+  }
+}
+
+function balanceAndTier(balance, tier) {
   return h("div", {},
     figures([
       ["available", points(balance.available), "available"],
@@ -89,30 +108,44 @@ const LEDGER_COLUMNS = [
   { label: "event", num: true, cell: (l) => h("a", { href: `#event-${l.position}`, title: "the event behind this line" }, `#${l.position}`) },
 ];
 
-// Every line, page after page (a bounded number at once, then on demand).
-async function ledger(base, asOf) {
-  const asOfMs = asOf ? Date.parse(asOf) : null;
+// The whole trail; with an accepted as_of, the lines dated after it greyed (not hidden: a running
+// balance is a sum in log order and cannot be cut by business time).
+async function ledger(base, greyAfterTime) {
+  const greyAfterMs = greyAfterTime === null ? null : Date.parse(greyAfterTime);
   const rowAttributes = (line) => ({
     "data-row": "ledger",
-    class: asOfMs !== null && Date.parse(line.occurred_at) > asOfMs ? "later" : null,
+    class: greyAfterMs !== null && Date.parse(line.occurred_at) > greyAfterMs ? "later" : null,
   });
-  const wrapper = table(LEDGER_COLUMNS, [], rowAttributes);
+  const rows = await pagedRows(`${base}/ledger`, (answer) => answer.lines, "lines", LEDGER_COLUMNS, rowAttributes);
+  const greying = greyAfterTime === null ? null
+    : h("p", { class: "muted" }, `Lines dated after ${greyAfterTime} are greyed (the trail is the log as recorded now).`);
+  return h("div", {}, greying, rows);
+}
+
+// Every row of a paged read, PAGES_AT_ONCE pages at a time; a button then loads the next ones.
+// `rowsOf(answer)` picks the rows out of a page; `noun` names them ("lines", "events").
+async function pagedRows(path, rowsOf, noun, columns, rowAttributes) {
+  const wrapper = table(columns, [], rowAttributes);
   const body = wrapper.querySelector("tbody");
-  const status = h("p", { class: "muted" });
+  const status = h("p", { class: "muted", "data-count": noun });
   const more = h("div");
   let count = 0;
+  const showFailure = (refusal) => replace(more, refusalBox(refusal, `Further ${noun}`));
   const load = async (after) => {
     replace(more);
-    const next = await eachPage(`${base}/ledger`, {}, (answer) => {
-      for (const line of answer.lines) body.append(tableRow(LEDGER_COLUMNS, line, rowAttributes));
-      count += answer.lines.length;
-      status.textContent = `${count} lines${asOf ? "; lines dated after the chosen time are greyed (the trail is the log as recorded now)" : ""}.`;
-    }, { after, maxPages: MAX_PAGES_AT_ONCE });
-    if (next !== null) {
-      replace(more, h("button", { type: "button", class: "quiet", onclick: () => load(next).catch(showFailure) }, "Load further lines"));
+    const next = await eachPage(path, {}, (answer) => {
+      for (const row of rowsOf(answer)) body.append(tableRow(columns, row, rowAttributes));
+      count += rowsOf(answer).length;
+      status.textContent = `${count} ${noun} so far…`;
+    }, { after, maxPages: PAGES_AT_ONCE });
+    if (next === null) {
+      status.textContent = `${count} ${noun}.`;
+      return;
     }
+    status.textContent = `${count} ${noun} so far; load further ${noun} below.`;
+    replace(more, h("button", { type: "button", class: "quiet", onclick: () => load(next).catch(showFailure) },
+      `Load further ${noun}`));
   };
-  const showFailure = (refusal) => replace(more, refusalBox(refusal, "Further ledger lines"));
   await load(null);
   return h("div", {}, status, wrapper, more);
 }
@@ -148,16 +181,8 @@ const EVENT_COLUMNS = [
   { label: "data", wrap: true, cell: (e) => h("details", {}, h("summary", {}, "data"), h("pre", { class: "mono" }, JSON.stringify(e.data, null, 2))) },
 ];
 
-async function events(base) {
-  const wrapper = table(EVENT_COLUMNS, [], (e) => ({ id: `event-${e.position}`, "data-row": "event" }));
-  const body = wrapper.querySelector("tbody");
-  let count = 0;
-  const next = await eachPage(`${base}/events`, {}, (answer) => {
-    for (const event of answer.events) {
-      body.append(tableRow(EVENT_COLUMNS, event, (e) => ({ id: `event-${e.position}`, "data-row": "event" })));
-    }
-    count += answer.events.length;
-  }, { maxPages: MAX_PAGES_AT_ONCE });
-  return h("div", {}, h("p", { class: "muted" },
-    `${count} events${next !== null ? " (the first ones; the stream goes on)" : ""}.`), wrapper);
+// Each event is the anchor a ledger line links to (#event-{position}).
+function events(base) {
+  return pagedRows(`${base}/events`, (answer) => answer.events, "events", EVENT_COLUMNS,
+    (e) => ({ id: `event-${e.position}`, "data-row": "event" }));
 }

@@ -1,7 +1,7 @@
 // The operators' and auditors' pages: liability by month, campaigns and their budgets,
 // programme versions, projection and publication lag, chain verification.
 import { eachPage, get } from "./api.js";
-import { figures, h, page, replace, table } from "./dom.js";
+import { fieldList, figures, h, page, replace, table } from "./dom.js";
 import { points, text, time, yuan } from "./format.js";
 import { asOfForm, fill } from "./shell.js";
 
@@ -111,14 +111,13 @@ export async function campaigns() {
           h("div", { class: "muted" }, text(c.name))) },
         { label: "status", cell: (c) => c.status },
         { label: "reward", wrap: true, cell: (c) => reward(c.reward) },
+        { label: "conditions", wrap: true, cell: (c) => Object.keys(c.conditions).length ? fieldList(c.conditions) : "none" },
         { label: "points granted", cell: (c) => budgetUse(c.awarded_points, c.budget_points) },
         { label: "coupons granted", cell: (c) => budgetUse(c.awarded_coupons, c.budget_coupons) },
         { label: "members rewarded", num: true, cell: (c) => points(c.members_rewarded) },
         { label: "per member", cell: (c) => c.per_member_limit === null ? "no cap" : `${c.per_member_limit} a ${c.per_member_period}` },
         { label: "window", cell: (c) => h("div", {}, `from ${time(c.starts_at)}`, h("br"), `to ${time(c.ends_at)}`,
           c.ended_at ? h("div", { class: "bad" }, `ended ${c.ended_at}`) : null) },
-        { label: "conditions", wrap: true, cell: (c) => h("details", {}, h("summary", {}, "conditions"),
-          h("pre", { class: "mono" }, JSON.stringify(c.conditions, null, 2))) },
       ], listed, () => ({ "data-row": "campaign" })));
   });
 }
@@ -142,7 +141,7 @@ export async function programme() {
       const answer = await get("/v1/programme");
       return h("section", { class: "card" },
         h("p", {}, `Version ${answer.version}, effective from ${answer.effective_from ?? "the beginning"}.`),
-        h("details", {}, h("summary", {}, "settings"), h("pre", { class: "mono" }, JSON.stringify(answer.settings, null, 2))));
+        h("h3", {}, "Settings"), fieldList(answer.settings));
     }),
   ]);
 }
@@ -150,55 +149,89 @@ export async function programme() {
 // -- projections ----------------------------------------------------------------------
 
 export async function projections() {
-  const slot = h("div"), stamp = h("p", { class: "muted" });
+  const slot = h("div"), stamp = h("p", { class: "muted", "data-field": "read_at" });
   replace(page(), h("h1", {}, "Projections and publication"), stamp, slot);
+  let lastReadAt = null;
   const refresh = async () => {
-    await fill(slot, "the projections", async () => {
+    const readAt = new Date().toISOString();
+    const read = await fill(slot, "the projections", async () => {
       const answer = await get("/v1/projections");
       return table([
         { label: "name", cell: (p) => p.name },
-        { label: "state", cell: (p) => h("span", { class: p.state === "live" ? "ok" : "bad" }, p.state) },
+        { label: "state", wrap: true, cell: projectionState },
         { label: "position", num: true, cell: (p) => points(p.position) },
         { label: "head", num: true, cell: (p) => points(p.head) },
         { label: "lag (events)", num: true, cell: (p) => points(p.lag_events) },
         { label: "lag (seconds)", num: true, cell: (p) => text(p.lag_seconds) },
       ], answer.projections, () => ({ "data-row": "projection" }));
     });
-    stamp.textContent = `Read at ${new Date().toISOString()}; read again every ${LAG_REFRESH_MS / 1000} s.`;
+    if (read) lastReadAt = readAt;
+    stamp.textContent = readStamp(read, readAt, lastReadAt);
     window.setTimeout(refresh, LAG_REFRESH_MS);
   };
   await refresh();
 }
 
+// Only a read that succeeded says when the figures were read; a failed one says so and when it was tried.
+function readStamp(read, readAt, lastReadAt) {
+  const again = `read again every ${LAG_REFRESH_MS / 1000} s.`;
+  if (read) return `Read at ${readAt}; ${again}`;
+  const last = lastReadAt ? `the last read that succeeded was at ${lastReadAt}` : "no read has succeeded yet";
+  return `The read at ${readAt} failed; ${last}; ${again}`;
+}
+
+// The state, and for a failed publisher the reason the API gives (CONTRACT §7).
+function projectionState(p) {
+  return h("div", {}, h("span", { class: p.state === "live" ? "ok" : "bad" }, p.state),
+    p.reason ? h("div", { class: "reason", "data-field": "reason" }, p.reason) : null);
+}
+
 // -- verification ---------------------------------------------------------------------
 
-export async function verify() {
-  const slot = h("div");
-  const start = h("button", { type: "button" }, "Verify the hash chain");
+const VERIFY = "/v1/audit/verify";
+
+export async function verify(who) {
+  const slot = h("div"), control = h("p");
   replace(page(), h("h1", {}, "Chain verification"),
     h("p", { class: "muted" }, "Recomputes every event's SHA-256 from position 1 to the head as it is when it starts; " +
       "the first changed, removed or reordered event is named by its position."),
-    h("p", {}, start), slot);
-  start.addEventListener("click", async () => {
-    start.disabled = true;
-    const bar = h("progress", { class: "wide" });
-    const said = h("p", { class: "muted" }, "Verifying…");
-    const began = Date.now();
-    await fill(slot, "the verification", async () => {
-      replace(slot, bar, said);
-      const report = await get("/v1/audit/verify", {}, {
-        accept: "application/x-ndjson, application/json",
-        onLine: (line) => {
-          if (line.ok !== undefined) return;
-          bar.max = Math.max(line.head_position, 1);
-          bar.value = line.checked;
-          said.textContent = `${line.checked} of ${line.head_position} events checked…`;
-        },
-      });
-      return verdict(report, Date.now() - began);
+    control, slot);
+  await fill(control, "who may verify", () => verifyButton(who.role, slot));
+}
+
+// The button, or, for a role the server does not let verify (/openapi.json's x-roles: the page keeps
+// no rule of its own), the button disabled with the reason.
+async function verifyButton(role, slot) {
+  const roles = (await get("/openapi.json")).paths[VERIFY].get["x-roles"];
+  const start = h("button", { type: "button", disabled: !roles.includes(role) }, "Verify the hash chain");
+  if (start.disabled) {
+    return h("span", {}, start, " ", h("span", { class: "muted", "data-field": "verify_refused" },
+      `This key's role (${role}) may not verify the chain: GET ${VERIFY} admits ${roles.join(" and ")}.`));
+  }
+  start.addEventListener("click", () => runVerification(start, slot));
+  return start;
+}
+
+// Streams the check's progress into a bar, then shows the report.
+async function runVerification(start, slot) {
+  start.disabled = true;
+  const bar = h("progress", { class: "wide" });
+  const said = h("p", { class: "muted" }, "Verifying…");
+  const began = Date.now();
+  await fill(slot, "the verification", async () => {
+    replace(slot, bar, said);
+    const report = await get(VERIFY, {}, {
+      accept: "application/x-ndjson, application/json",
+      onLine: (line) => {
+        if (line.ok !== undefined) return;
+        bar.max = Math.max(line.head_position, 1);
+        bar.value = line.checked;
+        said.textContent = `${line.checked} of ${line.head_position} events checked…`;
+      },
     });
-    start.disabled = false;
+    return verdict(report, Date.now() - began);
   });
+  start.disabled = false;
 }
 
 function verdict(report, elapsedMs) {

@@ -27,14 +27,17 @@ export function refusalBox(refusal, what = null) {
     refusal.retryAfter ? h("div", {}, `Retry after ${refusal.retryAfter} s.`) : null);
 }
 
-// Runs `load` and puts what it returns into `slot`, or the refusal when the API refuses.
+// Runs `load` and puts what it returns into `slot`, or the refusal when the API refuses;
+// resolves to whether it loaded.
 export async function fill(slot, what, load) {
   replace(slot, h("p", { class: "muted" }, `Loading ${what}…`));
   try {
     replace(slot, await load());
+    return true;
   } catch (failure) {
     if (failure.status === undefined) throw failure;
     replace(slot, refusalBox(failure, what));
+    return false;
   }
 }
 
