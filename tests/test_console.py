@@ -351,6 +351,20 @@ def test_the_ledger_shows_one_row_per_line_with_the_event_behind_it(page, servic
                     clip={"x": 0, "y": 0, "width": LAPTOP["width"], "height": events_at})
 
 
+def test_a_table_wider_than_the_page_says_it_scrolls_sideways_and_one_that_fits_does_not(page, service, seeded):
+    sign_in(page, service, seeded["keys"]["auditor"], f"/console/members/{seeded['member']}")
+    page.locator("body[data-ready]").wait_for()
+    boxes = {row: page.locator(".scroll", has=page.locator(f"[data-row={row}]")) for row in ("event", "ledger")}
+    overflows = {row: box.evaluate("box => box.scrollWidth > box.clientWidth") for row, box in boxes.items()}
+    assert overflows == {"event": True, "ledger": False}, "at a laptop's width the hashes and data do not fit"
+    notes = {row: box.locator(".scroll-note") for row, box in boxes.items()}
+    assert {row: note.is_visible() for row, note in notes.items()} == overflows
+    assert notes["event"].inner_text() == "Scroll sideways for more columns"
+    left = notes["event"].bounding_box()["x"]
+    boxes["event"].evaluate("box => box.scrollLeft = box.scrollWidth")
+    assert notes["event"].bounding_box()["x"] == left, "the note stays in view as the table scrolls"
+
+
 def test_the_whole_trail_is_read_page_after_page(page, service, seeded):
     sign_in(page, service, seeded["keys"]["reader"], f"/console/members/{seeded['many']}")
     page.locator("[data-row=ledger]").first.wait_for()
@@ -419,6 +433,62 @@ def test_money_in_programme_settings_and_campaign_conditions_reads_as_yuan(page,
     conditions = campaigns["campaigns"][0]["conditions"]
     assert page.locator("[data-row=campaign] [data-name=min_amount_cents]").inner_text() == \
         f"min_amount_cents: {yuan(conditions['min_amount_cents'])}"
+
+
+def test_each_programme_version_shows_what_it_changed_against_the_one_before(page, recorded, service, seeded):
+    """Read only when a row is opened, each version once; money in yuan, nested tables by their leaves, a list
+    whole. The versions take effect next year, so the settings in force now, which other tests read, stay."""
+    admin, key = seeded["admin"], seeded["keys"]["reader"]
+    settings = read(service, key, "/v1/programme")["settings"]
+    next_year = datetime.now(timezone.utc) + timedelta(days=365)
+    rates = change_programme(service, admin, next_year, {
+        "earn_cents_per_point": settings["earn_cents_per_point"] * 2,
+        "member_day": {**settings["member_day"], "multiplier_pct": 300},
+        "referral": {**settings["referral"], "referee_coupon": {**settings["referral"]["referee_coupon"],
+                                                                "value_cents": 15_00}}})
+    platinum = {"name": "platinum", "threshold": 9000, "multiplier_pct": 200}
+    tiers = change_programme(service, admin, next_year + timedelta(days=1),
+                             {"tiers": settings["tiers"] + [platinum]})
+    sign_in(page, service, key, "/console/programme")
+    page.locator("body[data-ready]").wait_for()
+    assert page.locator("[data-row=programme-version]").first.locator("td").last.inner_text() == "the first version"
+    as_of_reads = lambda: [url for url in recorded.urls if "/v1/programme?as_of=" in url]  # noqa: E731
+    assert as_of_reads() == [], "no version is read before its row is opened"
+    earn_cents, coupon_cents = settings["earn_cents_per_point"], settings["referral"]["referee_coupon"]["value_cents"]
+    assert changes_shown(page, rates) == {
+        "earn_cents_per_point": f"{yuan(earn_cents)} per point → {yuan(earn_cents * 2)} per point",
+        "member_day.multiplier_pct": f"{settings['member_day']['multiplier_pct']} → 300",
+        "referral.referee_coupon.value_cents": f"{yuan(coupon_cents)} → ¥15.00"}
+    assert list(changes_shown(page, tiers)) == ["tiers"]
+    was, now = (page.locator(f"[data-changes='{tiers}'] [data-change=tiers] .{when} li").all_inner_texts()
+                for when in ("was", "now"))
+    assert was == [" · ".join(f"{name}: {value}" for name, value in tier.items()) for tier in settings["tiers"]]
+    assert now == was + ["name: platinum · threshold: 9000 · multiplier_pct: 200"], "the whole list, not its tail"
+    assert len(as_of_reads()) == 3, "three versions read, the one both rows compare read once"
+    # A version replaced from the same moment was never in force: no read shows its settings, and the rows say so.
+    replacing = change_programme(service, admin, next_year + timedelta(days=1), {"pending_days": 3})
+    page.reload()
+    for version in (tiers, replacing):
+        page.click(f"[data-changes='{version}'] summary")
+        assert page.locator(f"[data-changes='{version}']").get_by_text("was never in force").inner_text() == \
+            f"Version {tiers} was never in force (version {replacing} replaced it from the same moment), " \
+            "so the API has no read of its settings to compare."
+
+
+def change_programme(service: ServiceProcess, admin: str, effective_from: datetime, settings: dict) -> int:
+    """PUT /v1/programme; the version it added."""
+    body = json.dumps({"settings": settings, "effective_from": stamp(effective_from)}).encode()
+    status, answer = call(service, admin, "PUT", "/v1/programme", body)
+    assert status == 201, answer
+    return answer["version"]
+
+
+def changes_shown(page: "Page", version: int) -> dict[str, str]:
+    """Opens the version's row and reads what it changed, by setting: {path: "path: old → new" less the path}."""
+    page.click(f"[data-changes='{version}'] summary")
+    lines = page.locator(f"[data-changes='{version}'] [data-change]")
+    lines.first.wait_for()
+    return {line.get_attribute("data-change"): line.inner_text().split(": ", 1)[1] for line in lines.all()}
 
 
 def test_the_verify_button_is_offered_only_to_roles_that_may_verify(page, service, seeded):

@@ -10,7 +10,7 @@ const PAGES = [
   [/^\/console\/members\/([^/]+)\/?$/, (match) => import("./member.js").then((m) => m.member(decodeURIComponent(match[1])))],
   [/^\/console\/liability\/?$/, () => import("./ops.js").then((m) => m.liability())],
   [/^\/console\/campaigns\/?$/, () => import("./ops.js").then((m) => m.campaigns())],
-  [/^\/console\/programme\/?$/, () => import("./ops.js").then((m) => m.programme())],
+  [/^\/console\/programme\/?$/, () => import("./programme.js").then((m) => m.programme())],
   [/^\/console\/projections\/?$/, () => import("./ops.js").then((m) => m.projections())],
   [/^\/console\/verify\/?$/, (match, who) => import("./ops.js").then((m) => m.verify(who))],
 ];

@@ -30,9 +30,11 @@ export function replace(element, ...children) {
 }
 
 // A table: `columns` is [{label, cell: (row) => content, num?, wrap?}]; `rowAttributes(row)` adds hooks.
+// It scrolls sideways in its own box when wider than the page; the note says so while it does (console.css).
 export function table(columns, rows, rowAttributes = () => ({})) {
   const body = h("tbody", {}, rows.map((row) => tableRow(columns, row, rowAttributes)));
   return h("div", { class: "scroll" },
+    h("p", { class: "scroll-note" }, "Scroll sideways for more columns"),
     h("table", {},
       h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null, scope: "col" }, c.label)))),
       body));
@@ -57,7 +59,8 @@ export function fieldList(object) {
     h("li", { "data-name": name }, h("span", { class: "name" }, name), ": ", fieldValue(name, value))));
 }
 
-function fieldValue(name, value) {
+// A value as fieldList shows it: an object indented, a list of objects one line per item, the rest by field().
+export function fieldValue(name, value) {
   if (isObject(value)) return fieldList(value);
   if (Array.isArray(value) && value.some(isObject)) {
     return h("ol", { class: "fields" }, value.map((item) => h("li", {}, isObject(item) ? oneLine(item) : field(name, item))));
@@ -69,6 +72,6 @@ function oneLine(object) {
   return Object.entries(object).map(([name, value]) => `${name}: ${field(name, value)}`).join(" · ");
 }
 
-function isObject(value) {
+export function isObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
 }

@@ -1,5 +1,5 @@
 // The operators' and auditors' pages: liability by month, campaigns and their budgets,
-// programme versions, projection and publication lag, chain verification.
+// projection and publication lag, chain verification (the programme's versions: programme.js).
 import { eachPage, get } from "./api.js";
 import { fieldList, figures, h, page, replace, table } from "./dom.js";
 import { points, text, time, yuan } from "./format.js";
@@ -120,30 +120,6 @@ export async function campaigns() {
           c.ended_at ? h("div", { class: "bad" }, `ended ${c.ended_at}`) : null) },
       ], listed, () => ({ "data-row": "campaign" })));
   });
-}
-
-// -- programme ------------------------------------------------------------------------
-
-export async function programme() {
-  const versions = h("div"), current = h("div");
-  replace(page(), h("h1", {}, "Programme versions"), versions, h("h2", {}, "The version in force now"), current);
-  await Promise.all([
-    fill(versions, "the programme versions", async () => {
-      const answer = await get("/v1/programme/versions");
-      return table([
-        { label: "version", num: true, cell: (v) => points(v.version) },
-        { label: "effective from", cell: (v) => v.effective_from === null ? "the beginning" : v.effective_from },
-        { label: "recorded at", cell: (v) => time(v.recorded_at) },
-        { label: "actor", cell: (v) => text(v.actor) },
-      ], answer.versions, () => ({ "data-row": "programme-version" }));
-    }),
-    fill(current, "the programme in force", async () => {
-      const answer = await get("/v1/programme");
-      return h("section", { class: "card" },
-        h("p", {}, `Version ${answer.version}, effective from ${answer.effective_from ?? "the beginning"}.`),
-        h("h3", {}, "Settings"), fieldList(answer.settings));
-    }),
-  ]);
 }
 
 // -- projections ----------------------------------------------------------------------
