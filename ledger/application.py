@@ -104,13 +104,16 @@ def fact_of(envelope: Envelope) -> Fact:
 
 def request_hash(operation: str, stream_id: str, command: cmd.Command) -> str:
     """The fingerprint that tells a retry (same body) from a reuse (other body)."""
-    canonical = _sorted_encoder.encode({"op": operation, "member": stream_id, "body": command})
-    return hashlib.sha256(canonical).hexdigest()
+    return _fingerprint(operation, stream_id, body=command)
 
 
 def body_hash(operation: str, stream_id: str, body: bytes) -> str:
     """The fingerprint of a body refused before it became a command (it did not decode)."""
-    return hashlib.sha256(_sorted_encoder.encode({"op": operation, "member": stream_id, "raw": body})).hexdigest()
+    return _fingerprint(operation, stream_id, raw=body)
+
+
+def _fingerprint(operation: str, stream_id: str, **request: object) -> str:
+    return hashlib.sha256(_sorted_encoder.encode({"op": operation, "member": stream_id, **request})).hexdigest()
 
 
 def _refusal_outcome(refusal: Refusal) -> Outcome:
